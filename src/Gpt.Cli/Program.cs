@@ -1,0 +1,1 @@
+return Gpt.Cli.CliApp.Run(args);
