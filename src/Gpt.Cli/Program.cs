@@ -1,1 +1,1 @@
-return Gpt.Cli.CliApp.Run(args);
+return Gpt.Cli.CliApp.Run(args, Console.In, Console.Out, Console.Error, Console.IsInputRedirected);

