@@ -1,12 +1,50 @@
 using System.CommandLine;
+using System.Text.Json;
+using System.Text.Json.Nodes;
 
 namespace Gpt.Cli;
 
-/// <summary>Commands added by later stages (model, generation, training, benchmarks).</summary>
+/// <summary>Commands beyond tokenize, and helpers they share.</summary>
 internal static partial class Commands
 {
     public static IEnumerable<Command> Extra(CliContext context)
     {
-        yield break;
+        yield return BenchCommand.Create(context);
     }
+
+    /// <summary>--format text|json.</summary>
+    internal static Option<string> FormatOption(string defaultFormat = "text")
+    {
+        var format = new Option<string>("--format") { Description = "Output format: text for people, json for scripts.", DefaultValueFactory = _ => defaultFormat };
+        format.AcceptOnlyFromAmong("text", "json");
+        return format;
+    }
+
+    private static readonly JsonSerializerOptions Compact = new(Json.Options) { WriteIndented = false };
+
+    /// <summary>Prints a result as one JSON line, or as "key: value" lines for people.</summary>
+    internal static void Print(CliContext context, string format, JsonObject result)
+    {
+        if (format == "json")
+        {
+            context.Output.WriteLine(result.ToJsonString(Compact));
+            return;
+        }
+        foreach (var (key, value) in result)
+        {
+            if (value is JsonObject nested)
+            {
+                context.Output.WriteLine($"{key}:");
+                foreach (var (k, v) in nested) context.Output.WriteLine($"  {k}: {Text(v)}");
+            }
+            else context.Output.WriteLine($"{key}: {Text(value)}");
+        }
+    }
+
+    private static string Text(JsonNode? node) => node switch
+    {
+        null => "null",
+        JsonValue v when v.TryGetValue<string>(out var s) => s,
+        _ => node.ToJsonString(Compact),
+    };
 }

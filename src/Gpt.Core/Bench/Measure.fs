@@ -1,0 +1,76 @@
+namespace Gpt.Bench
+
+open System
+open System.Diagnostics
+open System.IO
+open TorchSharp
+
+/// Timing and machine facts for the benchmark suite (never used by tests to assert speed).
+[<RequireQualifiedAccess>]
+module Measure =
+    /// What the numbers were measured on.
+    type MachineInfo =
+        { Cpu: string
+          LogicalCores: int
+          TorchThreads: int
+          MemoryGiB: float
+          Os: string
+          Runtime: string
+          TorchSharp: string }
+
+    let private cpuModel () =
+        try
+            File.ReadLines "/proc/cpuinfo"
+            |> Seq.tryFind (fun line -> line.StartsWith "model name")
+            |> Option.map (fun line -> line.Substring(line.IndexOf ':' + 1).Trim())
+            |> Option.defaultValue "unknown"
+        with _ -> "unknown"
+
+    let private memoryGiB () =
+        try
+            File.ReadLines "/proc/meminfo"
+            |> Seq.tryFind (fun line -> line.StartsWith "MemTotal:")
+            |> Option.map (fun line -> float (line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0 / 1024.0)
+            |> Option.defaultValue nan
+        with _ -> nan
+
+    let machine () =
+        { Cpu = cpuModel ()
+          LogicalCores = Environment.ProcessorCount
+          TorchThreads = torch.get_num_threads ()
+          MemoryGiB = Math.Round(memoryGiB (), 1)
+          Os = Runtime.InteropServices.RuntimeInformation.OSDescription
+          Runtime = Environment.Version.ToString()
+          TorchSharp = typeof<torch.Tensor>.Assembly.GetName().Version.ToString() }
+
+    /// Peak resident set size of this process so far (VmHWM), in MB; current RSS when the peak is unknown.
+    let peakRssMb () =
+        try
+            File.ReadLines "/proc/self/status"
+            |> Seq.tryFind (fun line -> line.StartsWith "VmHWM:")
+            |> Option.map (fun line -> float (line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0)
+            |> Option.defaultWith (fun () -> float (Process.GetCurrentProcess().PeakWorkingSet64) / 1048576.0)
+        with _ -> float (Process.GetCurrentProcess().PeakWorkingSet64) / 1048576.0
+
+    /// Current resident set size, in MB.
+    let rssMb () =
+        use self = Process.GetCurrentProcess()
+        self.Refresh()
+        float self.WorkingSet64 / 1048576.0
+
+    /// Median of a list of numbers.
+    let median (values: float seq) =
+        let sorted = values |> Seq.sort |> Array.ofSeq
+        if sorted.Length = 0 then nan
+        elif sorted.Length % 2 = 1 then sorted[sorted.Length / 2]
+        else (sorted[sorted.Length / 2 - 1] + sorted[sorted.Length / 2]) / 2.0
+
+    /// Runs an action `warmup` times untimed, then `runs` times timed; returns the seconds of each timed run.
+    let time (warmup: int) (runs: int) (action: unit -> unit) : float[] =
+        for _ in 1 .. warmup do
+            action ()
+        [| for _ in 1 .. runs do
+               let watch = Stopwatch.StartNew()
+               action ()
+               watch.Stop()
+               watch.Elapsed.TotalSeconds |]
