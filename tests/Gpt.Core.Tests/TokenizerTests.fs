@@ -98,3 +98,23 @@ let tests =
             Expect.equal (Tokenizers.byName "simple" "a b").Name "simple" "simple"
             throwsGpt [ "unknown tokenizer 'bert'"; "'gpt2' or 'simple'" ] (fun () -> Tokenizers.byName "bert" "" |> ignore) "unknown name"
     ]
+
+[<Tests>]
+let parallelTests =
+    testList "GPT-2 byte-pair encoding of long texts" [
+        testCase "parallel chunks give the same ids as one pass" <| fun () ->
+            // Whitespace runs, newlines before letters and spaces, and non-BMP letters around every cut.
+            let unit = "line one\n\n\"Quoted\"\n  indented 𝐀's\n\tTab\nx" + String.replicate 50 " word" + "\n \n"
+            let text = String.replicate (Gpt2Tokenizer.ParallelThreshold / unit.Length + 50) unit
+            let sequential =
+                Gpt2Tokenizer.Chunks text
+                |> Array.collect (fun (start, length) -> gpt2.Encode(text.Substring(start, length)))
+            let whole = gpt2.Encode text
+            Expect.isGreaterThan (Gpt2Tokenizer.Chunks text).Length 2 "several chunks"
+            Expect.equal whole sequential "chunked encoding equals chunk-by-chunk encoding"
+            // And chunk-by-chunk equals one unchunked pass over a shorter prefix (below the parallel threshold).
+            let prefixLength = fst (Gpt2Tokenizer.Chunks text).[2]
+            Expect.isLessThan prefixLength Gpt2Tokenizer.ParallelThreshold "the prefix is encoded in one pass"
+            let prefix = text.Substring(0, prefixLength)
+            Expect.equal (gpt2.Encode prefix) whole[.. (gpt2.Encode prefix).Length - 1] "cuts do not change ids"
+    ]

@@ -186,6 +186,26 @@ type Gpt2Tokenizer private (tiktoken: TiktokenTokenizer, tokenBytes: byte[][]) =
                 if Char.IsSurrogate text[i] && isLone i then chars[i] <- '\uFFFD'
             String chars
 
+    /// Texts at least this long are encoded in parallel chunks.
+    static member ParallelThreshold = 1 <<< 18
+
+    /// (start, length) chunks of about 64K characters, each cut before a space that follows a non-space.
+    static member Chunks(text: string) : (int * int)[] =
+        let target = 1 <<< 16
+        let cuts = ResizeArray [ 0 ]
+        let mutable index = target
+        while index < text.Length do
+            let mutable cut = index
+            // A space right after a non-space character always starts a piece (only a leading ` ?` takes a space
+            // into a piece, and whitespace runs need whitespace before them), and nothing at the end of the text
+            // before it depends on what follows: a cut there leaves every piece unchanged.
+            while cut < text.Length && not (text[cut] = ' ' && not (Char.IsWhiteSpace text[cut - 1])) do
+                cut <- cut + 1
+            if cut < text.Length then cuts.Add cut
+            index <- cut + target
+        cuts.Add text.Length
+        [| for i in 0 .. cuts.Count - 2 -> cuts[i], cuts[i + 1] - cuts[i] |]
+
     /// The GPT-2 tokenizer (loaded once; thread-safe).
     static member Instance = instance.Value
 
@@ -207,7 +227,14 @@ type Gpt2Tokenizer private (tiktoken: TiktokenTokenizer, tokenBytes: byte[][]) =
         member _.EndOfTextId = Some endOfTextId
         member _.Encode text =
             if isNull text then nullArg "text"
-            tiktoken.EncodeToIds(Gpt2Tokenizer.ReplaceLoneSurrogates text) |> Seq.toArray
+            let text = Gpt2Tokenizer.ReplaceLoneSurrogates text
+            if text.Length < Gpt2Tokenizer.ParallelThreshold then tiktoken.EncodeToIds(text) |> Seq.toArray
+            else
+                // Long texts are cut where a piece boundary is certain (see Chunks) and encoded in parallel:
+                // the ids are identical to one pass.
+                Gpt2Tokenizer.Chunks text
+                |> Array.Parallel.map (fun (start, length) -> tiktoken.EncodeToIds(text.Substring(start, length)) |> Seq.toArray)
+                |> Array.concat
         member this.DecodeToUtf8 ids =
             let buffer = new MemoryStream()
             for id in ids do
