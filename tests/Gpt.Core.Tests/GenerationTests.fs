@@ -313,6 +313,24 @@ let generationTests =
                     let alone = Generator.generate language { options with Seed = options.Seed |> Option.map (fun seed -> seed + int64 index) } [ prompt ]
                     Expect.equal batch[index] alone[0] (sprintf "prompt %d (length %d) alone, temperature %g" index prompt.Length options.Temperature))
 
+        testCase "generations on one model run in parallel, each with its own generator" <| fun () ->
+            let model, language = tiny 30 8 16 2 1 23L
+            use _ = model
+            let run seed = Generator.generate language { greedyOptions 12 with Temperature = 1.0; Seed = Some seed } [ [| 1; 2 |]; [| 3 |] ]
+            let sequential = [| 0L .. 5L |] |> Array.map run
+            let concurrent = [| 0L .. 5L |] |> Array.Parallel.map run
+            Expect.equal concurrent sequential "parallel runs = sequential runs"
+
+        testCase "the module adapter runs its own cache and refuses another kind" <| fun () ->
+            let model, language = tiny 10 4 8 2 1 1L
+            use _ = model
+            use ids = torch.zeros([| 1L; 1L |], dtype = torch.int64)
+            throwsGpt [ "was not made by it"; "ScriptedCache" ] (fun () -> language.LogitsCached(ids, new ScriptedCache()) |> ignore) "a foreign cache"
+            use cache = language.CreateCache 1
+            use logits = language.LogitsCached(ids, cache)
+            Expect.equal logits.shape [| 1L; 1L; 10L |] "logits [1, 1, V]"
+            Expect.equal cache.Length 1 "the cache holds one token"
+
         testCase "a prompt longer than the context is cropped to its last ContextLength tokens" <| fun () ->
             let model, language = tiny 25 6 8 2 1 11L
             use _ = model

@@ -126,29 +126,10 @@ type TinyModel(vocabSize: int, contextLength: int, dim: int, heads: int, layers:
     member _.CreateCache(batchSize: int) = new TinyCache(layers, batchSize, heads, contextLength, dim / heads)
     member this.ForwardCached(ids: Tensor, cache: TinyCache) = this.Run(ids, Some cache)
 
-/// The adapter's cache wrapper (GptModel's KvCache will get the same).
-type TinyKvCache(cache: TinyCache) =
-    member _.Inner = cache
-    interface IKvCache with
-        member _.Length = cache.Length
-        member _.Reset() = cache.Reset()
-        member _.Dispose() = (cache :> IDisposable).Dispose()
-
-/// The tiny model behind ILanguageModel: the shape the GptModel adapter will have.
+/// The tiny model behind ILanguageModel: the adapter GptModel will get has the same shape.
 let tinyLanguageModel (model: TinyModel) : ILanguageModel =
-    { new ILanguageModel with
-        member _.VocabSize = model.VocabSize
-        member _.ContextLength = model.ContextLength
-        member _.Device = torch.CPU
-        member _.Training
-            with get () = model.training
-            and set (value: bool) = model.train value
-        member _.Logits ids = model.forward ids
-        member _.CreateCache batchSize = new TinyKvCache(model.CreateCache batchSize) :> IKvCache
-        member _.LogitsCached(ids, cache) =
-            match cache with
-            | :? TinyKvCache as cache -> model.ForwardCached(ids, cache.Inner)
-            | other -> Errors.fail "expected a cache made by this model, found %s" (other.GetType().Name) }
+    LanguageModel.ofModule model model.VocabSize model.ContextLength model.CreateCache model.ForwardCached
+        (fun cache -> cache.Length) (fun cache -> cache.Reset())
 
 /// A tiny model and its adapter.
 let tiny vocabSize contextLength dim heads layers seed =

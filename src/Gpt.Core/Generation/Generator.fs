@@ -16,8 +16,8 @@ type IKvCache =
     abstract Reset: unit -> unit
 
 /// What generation needs from a model: next-token logits by recomputing a whole window, and the same logits
-/// through a KV cache. A GPT model plugs in through a small adapter (forward = Logits, CreateCache and
-/// ForwardCached = the cached path).
+/// through a KV cache. LanguageModel.ofModule adapts a TorchSharp module that has a cached path (GPT: forward =
+/// Logits, CreateCache and ForwardCached = the cached path).
 type ILanguageModel =
     /// Number of token ids the model knows: logits have this many columns.
     abstract VocabSize: int
@@ -34,6 +34,51 @@ type ILanguageModel =
     /// ids [B, Tnew] at positions cache.Length .. cache.Length + Tnew - 1 (the sum stays ≤ ContextLength) →
     /// logits [B, Tnew, VocabSize]; the cache then holds Tnew more tokens.
     abstract LogitsCached: ids: torch.Tensor * cache: IKvCache -> torch.Tensor
+
+/// The cache of a model adapted by LanguageModel.ofModule.
+type private ModuleCache<'Cache when 'Cache :> IDisposable>(cache: 'Cache, length: 'Cache -> int, reset: 'Cache -> unit) =
+    member _.Inner = cache
+    interface IKvCache with
+        member _.Length = length cache
+        member _.Reset() = reset cache
+        member _.Dispose() = cache.Dispose()
+
+/// Adapters from models to ILanguageModel.
+[<RequireQualifiedAccess>]
+module LanguageModel =
+    /// A TorchSharp module whose forward maps ids [B, T] to logits [B, T, V], with a cached path: createCache
+    /// makes an empty cache for a batch size, forwardCached appends ids [B, Tnew] at positions cacheLength.. and
+    /// returns their logits. The device is that of the module's first parameter (the CPU when it has none);
+    /// Training follows the module's train/eval mode.
+    let ofModule
+        (model: torch.nn.Module<torch.Tensor, torch.Tensor>)
+        (vocabSize: int)
+        (contextLength: int)
+        (createCache: int -> 'Cache)
+        (forwardCached: torch.Tensor * 'Cache -> torch.Tensor)
+        (cacheLength: 'Cache -> int)
+        (resetCache: 'Cache -> unit)
+        : ILanguageModel =
+        if isNull model then nullArg "model"
+        Errors.require (vocabSize > 0) "vocabulary size must be positive, found %d" vocabSize
+        Errors.require (contextLength > 0) "context length must be positive, found %d" contextLength
+        { new ILanguageModel with
+            member _.VocabSize = vocabSize
+            member _.ContextLength = contextLength
+            member _.Device =
+                match model.parameters () |> Seq.tryHead with
+                | Some parameter -> parameter.device
+                | None -> torch.CPU
+            member _.Training
+                with get () = model.training
+                and set (value: bool) = model.train value
+            member _.Logits ids = model.forward ids
+            member _.CreateCache batchSize =
+                new ModuleCache<'Cache>(createCache batchSize, cacheLength, resetCache) :> IKvCache
+            member _.LogitsCached(ids, cache) =
+                match cache with
+                | :? ModuleCache<'Cache> as cache -> forwardCached (ids, cache.Inner)
+                | other -> Errors.fail "the cache passed to %s was not made by it (found %s)" (model.GetName()) (other.GetType().Name) }
 
 /// How to generate.
 type GenerationOptions =
@@ -199,8 +244,9 @@ type private Run(model: ILanguageModel, options: GenerationOptions, seed: int64,
     let window = new ContextWindow(model, Array.map snd prompts, options.UseKvCache)
     let wasTraining = model.Training
     do model.Training <- false
-    // One generator per prompt, seeded from its index in the caller's list: a prompt's text does not depend on
-    // which other prompts share its batch, and prompt 0 samples exactly as torch.manual_seed(seed) would.
+    // One generator per prompt, seeded from its index in the caller's list (prompt 0 uses the seed itself): a
+    // prompt's text does not depend on which other prompts share its batch, and runs in parallel do not disturb
+    // each other.
     let generators =
         if options.Temperature = 0.0 then [||]
         else prompts |> Array.map (fun (index, _) -> new torch.Generator(uint64 (seed + int64 index), torch.CPU))
@@ -289,8 +335,9 @@ module Generator =
         if prompt.Length <= model.ContextLength then prompt else prompt[prompt.Length - model.ContextLength ..]
 
     /// Generates a continuation of every prompt; each stops on its own at the end-of-text token or after
-    /// MaxNewTokens. Prompts of the same length (after cropping to the context) run together as one batch; the
-    /// result of a prompt does not depend on the others.
+    /// MaxNewTokens. Prompts of the same length (after cropping to the context) run together as one batch: they
+    /// share every position, so no padding or attention mask is needed and a prompt's result does not depend on
+    /// the others (up to rounding in batched matrix products). Different lengths run one batch after another.
     let generate (model: ILanguageModel) (options: GenerationOptions) (prompts: int[] seq) : Completion[] =
         if isNull prompts then nullArg "prompts"
         let prompts = Array.ofSeq prompts
