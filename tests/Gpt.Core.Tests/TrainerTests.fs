@@ -147,6 +147,21 @@ let tests =
             let log dir = Metrics.read (Path.Combine(dir, "metrics.jsonl")) |> Array.map (fun r -> r.Step, r.TrainLoss, r.ValidationLoss)
             Expect.equal (log resumedDir.Path) (log straightDir.Path) "the same evaluation log"
 
+        testCase "two accumulated batches of 3 make the same step as one batch of 6" <| fun () ->
+            // Both read the same six windows: batches are consecutive chunks of one seeded permutation.
+            let data = trainingData (noisyIds 200 9)
+            let options = { tinyOptions with MaxSteps = Some 1; WeightDecay = 0.1; GradientClip = Some 0.5 }
+            use accumulated = bigram 5L 0.0
+            use whole = bigram 5L 0.0
+            // AdamW's update is blind to a constant gradient scale: compare the gradient norms too.
+            let norm (result: ResizeArray<float>) = function Stepped p -> result.Add p.GradientNorm.Value | _ -> ()
+            let accumulatedNorm, wholeNorm = ResizeArray(), ResizeArray()
+            Trainer.train { options with BatchSize = 3; GradientAccumulation = 2 } accumulated data None (norm accumulatedNorm) CancellationToken.None |> ignore
+            Trainer.train { options with BatchSize = 6 } whole data None (norm wholeNorm) CancellationToken.None |> ignore
+            Expect.floatClose Accuracy.medium accumulatedNorm[0] wholeNorm[0] "the same gradient"
+            for KeyValue(name, tensor) in accumulated.state_dict () do
+                Expect.isTrue (torch.allclose(tensor, whole.state_dict().[name], rtol = 1e-5, atol = 1e-6)) name
+
         testCase "no tensor leaks from step to step" <| fun () ->
             use model = bigram 3L 0.2
             let options = { tinyOptions with Epochs = 2; GradientAccumulation = 2; GradientClip = Some 1.0; SamplePrompt = Some "a"; SampleTokens = 2 }
@@ -171,6 +186,8 @@ let tests =
             use dir = new TempDir()
             let options = { tinyOptions with MaxSteps = Some 2; OutputDirectory = Some dir.Path }
             Trainer.train options model data None noEvents CancellationToken.None |> ignore
+            throwsGpt [ "already holds checkpoints of a run" ]
+                (fun () -> Trainer.train options model data None noEvents CancellationToken.None |> ignore) "fresh run over an old one"
             throwsGpt [ "was trained with batch size 3, this run asks for 4" ]
                 (fun () -> Trainer.train { options with BatchSize = 4 } model data (Some dir.Path) noEvents CancellationToken.None |> ignore) "batch size"
             throwsGpt [ "was trained on other data" ]

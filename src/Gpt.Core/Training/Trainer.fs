@@ -262,7 +262,13 @@ module Trainer =
                     Errors.fail "checkpoint '%s' has %d batches per epoch, this run has %d" directory stored.BatchesPerEpoch batchesPerEpoch
                 let state = Checkpoint.restore directory model optimizer
                 directory, state)
-        if resumed.IsNone then torch.manual_seed (int64 options.Seed) |> ignore
+        if resumed.IsNone then
+            // A fresh run never mixes its checkpoints with another run's (pruning would delete the newer ones).
+            match checkpointRoot with
+            | Some root when (Checkpoint.list root).Length > 0 ->
+                Errors.fail "'%s' already holds checkpoints of a run: resume it, or train into another directory" root
+            | _ -> ()
+            torch.manual_seed (int64 options.Seed) |> ignore
 
         let startStep = resumed |> Option.map (fun (_, s) -> s.Step) |> Option.defaultValue 0
         let mutable step = startStep
