@@ -191,12 +191,28 @@ module Trainer =
         finally
             model.train wasTraining
 
-    let private sameOption (stored: JsonElement) (name: string) (value: int) (label: string) (directory: string) =
-        match stored.TryGetProperty name with
-        | true, element when element.ValueKind = JsonValueKind.Number && element.GetInt32() <> value ->
-            Errors.fail "checkpoint '%s' was trained with %s %d, this run asks for %d: the data position would not carry over"
-                directory label (element.GetInt32()) value
-        | _ -> ()
+    /// Refuses to resume from a checkpoint whose data position would not carry over to this run.
+    let private checkResumable (directory: string) (stored: CheckpointState) (options: TrainerOptions) (data: TrainingData)
+                               (fingerprint: string) (batchesPerEpoch: int) =
+        if stored.Tokenizer <> data.Tokenizer.Name then
+            Errors.fail "checkpoint '%s' was trained with tokenizer '%s', this run uses '%s'" directory stored.Tokenizer data.Tokenizer.Name
+        if stored.DataFingerprint <> fingerprint then
+            Errors.fail "checkpoint '%s' was trained on other data (training tokens fingerprint %s, this run's %s)"
+                directory stored.DataFingerprint fingerprint
+        use storedOptions = JsonDocument.Parse stored.TrainingOptions
+        let same (name: string) (label: string) (value: int) =
+            match storedOptions.RootElement.TryGetProperty name with
+            | true, element when element.ValueKind = JsonValueKind.Number && element.GetInt32() <> value ->
+                Errors.fail "checkpoint '%s' was trained with %s %d, this run asks for %d: the data position would not carry over"
+                    directory label (element.GetInt32()) value
+            | _ -> ()
+        same "batch_size" "batch size" options.BatchSize
+        same "context_length" "context length" options.ContextLength
+        same "stride" "stride" options.Stride
+        same "seed" "seed" options.Seed
+        same "gradient_accumulation" "gradient accumulation" options.GradientAccumulation
+        if stored.BatchesPerEpoch <> batchesPerEpoch then
+            Errors.fail "checkpoint '%s' has %d batches per epoch, this run has %d" directory stored.BatchesPerEpoch batchesPerEpoch
 
     /// Trains `model` on `data`, from scratch or from the checkpoint `resumeFrom` (a checkpoint directory, a
     /// directory of checkpoints, or a run's output directory: the latest complete checkpoint is taken).
@@ -245,21 +261,7 @@ module Trainer =
             |> Option.map (fun path ->
                 let runCheckpoints = Path.Combine(path, "checkpoints")
                 let directory = Checkpoint.resolve (if Directory.Exists runCheckpoints then runCheckpoints else path)
-                let stored = Checkpoint.read directory
-                if stored.Tokenizer <> data.Tokenizer.Name then
-                    Errors.fail "checkpoint '%s' was trained with tokenizer '%s', this run uses '%s'" directory stored.Tokenizer data.Tokenizer.Name
-                if stored.DataFingerprint <> fingerprint then
-                    Errors.fail "checkpoint '%s' was trained on other data (training tokens fingerprint %s, this run's %s)"
-                        directory stored.DataFingerprint fingerprint
-                use storedOptions = JsonDocument.Parse stored.TrainingOptions
-                let root = storedOptions.RootElement
-                sameOption root "batch_size" options.BatchSize "batch size" directory
-                sameOption root "context_length" options.ContextLength "context length" directory
-                sameOption root "stride" options.Stride "stride" directory
-                sameOption root "seed" options.Seed "seed" directory
-                sameOption root "gradient_accumulation" options.GradientAccumulation "gradient accumulation" directory
-                if stored.BatchesPerEpoch <> batchesPerEpoch then
-                    Errors.fail "checkpoint '%s' has %d batches per epoch, this run has %d" directory stored.BatchesPerEpoch batchesPerEpoch
+                checkResumable directory (Checkpoint.read directory) options data fingerprint batchesPerEpoch
                 let state = Checkpoint.restore directory model optimizer
                 directory, state)
         if resumed.IsNone then
