@@ -1,0 +1,146 @@
+namespace Gpt.Training
+
+open System
+open System.Collections.Generic
+open TorchSharp
+open TorchSharp.Modules
+open Gpt
+
+/// AdamW hyperparameters.
+type AdamWSettings =
+    { LearningRate: float
+      Beta1: float
+      Beta2: float
+      Epsilon: float
+      /// Decoupled weight decay (AdamW's, not an L2 term in the loss).
+      WeightDecay: float
+      /// Decay every parameter, as the book does; otherwise (nanoGPT) only tensors of two or more dimensions,
+      /// the matrices, and neither biases nor layer-norm gains.
+      DecayAll: bool }
+
+/// Parameters that share a weight decay, with their state_dict names so that optimizer state can be saved by name.
+type NamedParameterGroup =
+    { Names: string[]
+      Parameters: Parameter[]
+      WeightDecay: float }
+
+/// AdamW over named parameter groups. Dispose it to free the moment tensors.
+type NamedAdamW(groups: NamedParameterGroup[], settings: AdamWSettings) =
+    let adamW =
+        torch.optim.AdamW(
+            groups
+            |> Array.map (fun g ->
+                AdamW.ParamGroup(g.Parameters, settings.LearningRate, settings.Beta1, settings.Beta2, settings.Epsilon, g.WeightDecay)),
+            settings.LearningRate, settings.Beta1, settings.Beta2, settings.Epsilon)
+
+    /// The TorchSharp optimizer.
+    member _.AdamW = adamW
+    member _.Groups = groups
+    member _.Settings = settings
+
+    /// The learning rate of every group: set it before each step to follow a schedule.
+    member _.LearningRate
+        with get () = (Seq.head adamW.ParamGroups).LearningRate
+        and set (value: float) =
+            for group in adamW.ParamGroups do
+                group.LearningRate <- value
+
+    /// Every (name, parameter) in group order.
+    member _.NamedParameters = groups |> Array.collect (fun g -> Array.zip g.Names g.Parameters)
+
+    /// AdamW's per-parameter state (step count and the two moments), in group order, with parameter names.
+    member _.States: (string * AdamW.State)[] =
+        let names = groups |> Array.collect _.Names
+        let states = adamW.state_dict().State |> Seq.map (fun s -> s :?> AdamW.State) |> Array.ofSeq
+        if states.Length <> names.Length then
+            Errors.fail "AdamW holds state for %d parameters, its groups name %d" states.Length names.Length
+        Array.zip names states
+
+    member _.ZeroGrad() = adamW.zero_grad ()
+    member _.Step() = adamW.step () |> ignore
+
+    interface IDisposable with
+        member _.Dispose() = adamW.Dispose()
+
+/// AdamW construction, gradient clipping, and optimizer state by parameter name.
+[<RequireQualifiedAccess>]
+module Optimizer =
+    /// The book's chapter 5 settings (lr 4e-4, PyTorch's betas (0.9, 0.999), decay 0.1) with nanoGPT's decay policy.
+    let defaults =
+        { LearningRate = 4e-4; Beta1 = 0.9; Beta2 = 0.999; Epsilon = 1e-8; WeightDecay = 0.1; DecayAll = false }
+
+    /// Splits a model's trainable parameters into a decayed group and a non-decayed group (empty groups are left
+    /// out). A tensor shared under two names (tied weights) is listed once, under its first name: AdamW would
+    /// otherwise step it twice.
+    let parameterGroups (weightDecay: float) (decayAll: bool) (model: torch.nn.Module) : NamedParameterGroup[] =
+        let seen = HashSet<nativeint>()
+        let named =
+            [| for struct (name, parameter) in model.named_parameters () do
+                   if parameter.requires_grad && seen.Add parameter.Handle then yield name, parameter |]
+        let group (members: (string * Parameter)[]) decay =
+            { Names = Array.map fst members; Parameters = Array.map snd members; WeightDecay = decay }
+        let decayed, undecayed =
+            if decayAll then named, [||] else named |> Array.partition (fun (_, p) -> p.dim () >= 2L)
+        [| if decayed.Length > 0 then group decayed weightDecay
+           if undecayed.Length > 0 then group undecayed 0.0 |]
+
+    /// AdamW over a model's parameters with the settings' weight-decay policy.
+    let adamW (settings: AdamWSettings) (model: torch.nn.Module) : NamedAdamW =
+        Errors.require (settings.LearningRate >= 0.0) "the learning rate must not be negative, found %g" settings.LearningRate
+        Errors.require (settings.Beta1 >= 0.0 && settings.Beta1 < 1.0 && settings.Beta2 >= 0.0 && settings.Beta2 < 1.0)
+            "AdamW betas must be in [0, 1), found (%g, %g)" settings.Beta1 settings.Beta2
+        Errors.require (settings.WeightDecay >= 0.0) "weight decay must not be negative, found %g" settings.WeightDecay
+        let groups = parameterGroups settings.WeightDecay settings.DecayAll model
+        if groups.Length = 0 then Errors.fail "the model has no trainable parameters"
+        new NamedAdamW(groups, settings)
+
+    /// The global L2 norm of the gradients, as if all were one vector (parameters without a gradient count 0).
+    let gradientNorm (parameters: Parameter seq) : float =
+        use _ = torch.no_grad ()
+        let mutable sum = 0.0
+        for parameter in parameters do
+            use grad = parameter.grad
+            if not (isNull grad) then
+                use norm = grad.norm()
+                let n = norm.item<float32> () |> float
+                sum <- sum + n * n
+        sqrt sum
+
+    /// Scales every gradient by maxNorm / norm when the global norm exceeds maxNorm; returns the norm before
+    /// clipping (PyTorch's clip_grad_norm_).
+    let clipGradients (maxNorm: float) (parameters: Parameter seq) : float =
+        Errors.require (maxNorm > 0.0) "the gradient clipping norm must be positive, found %g" maxNorm
+        torch.nn.utils.clip_grad_norm_(parameters, maxNorm)
+
+    /// AdamW's step count of every parameter, by name.
+    let stepCounts (optimizer: NamedAdamW) : (string * int64)[] =
+        optimizer.States |> Array.map (fun (name, state) -> name, state.step)
+
+    /// AdamW's moments by name, "<parameter>.exp_avg" and "<parameter>.exp_avg_sq" (PyTorch's names). The tensors
+    /// belong to the optimizer: do not dispose them.
+    let momentTensors (optimizer: NamedAdamW) : (string * torch.Tensor)[] =
+        optimizer.States
+        |> Array.collect (fun (name, state) -> [| name + ".exp_avg", state.exp_avg; name + ".exp_avg_sq", state.exp_avg_sq |])
+
+    /// Restores AdamW's state from moments and step counts by name (as written by momentTensors and stepCounts).
+    /// Every parameter must be present with the right shape; `source` names the file in error messages.
+    let restoreState (source: string) (optimizer: NamedAdamW) (moments: IReadOnlyDictionary<string, torch.Tensor>) (steps: IReadOnlyDictionary<string, int64>) =
+        let states = optimizer.States
+        let expected = states |> Array.collect (fun (name, _) -> [| name + ".exp_avg"; name + ".exp_avg_sq" |])
+        let missing = expected |> Array.filter (moments.ContainsKey >> not)
+        let unexpected = moments.Keys |> Seq.filter (fun k -> not (Array.contains k expected)) |> Seq.sort |> Array.ofSeq
+        if missing.Length > 0 then Errors.fail "optimizer state '%s': missing tensors: %s" source (String.Join(", ", missing))
+        if unexpected.Length > 0 then Errors.fail "optimizer state '%s': unexpected tensors: %s" source (String.Join(", ", unexpected))
+        let noSteps = states |> Array.map fst |> Array.filter (steps.ContainsKey >> not)
+        if noSteps.Length > 0 then Errors.fail "optimizer state '%s': no step count for: %s" source (String.Join(", ", noSteps))
+        use _ = torch.no_grad ()
+        for name, state in states do
+            for key, target in [ name + ".exp_avg", state.exp_avg; name + ".exp_avg_sq", state.exp_avg_sq ] do
+                let value = moments[key]
+                if value.shape <> target.shape then
+                    Errors.fail "optimizer state '%s': tensor '%s' has shape %s, expected %s"
+                        source key (Errors.shapeText value.shape) (Errors.shapeText target.shape)
+                if value.dtype <> target.dtype then
+                    Errors.fail "optimizer state '%s': tensor '%s' has type %O, expected %O" source key value.dtype target.dtype
+                target.copy_(value) |> ignore
+            state.step <- steps[name]
