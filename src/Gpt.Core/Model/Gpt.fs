@@ -92,7 +92,7 @@ module private Initialisation =
 /// and the output head. State_dict keys are GPT-2's (`wte`, `wpe`, `h.{i}...`, `ln_f`, and `lm_head` only when the
 /// head is not tied). ids (B, T) int64 -> logits (B, T, vocab) float32.
 /// Weights are initialised from `seed` with a private generator; without a seed, from the global torch generator.
-type GptModel(config: GptConfig, ?seed: int64) as this =
+type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool) as this =
     inherit Module<torch.Tensor, torch.Tensor>("GptModel")
     do GptConfig.validate config
     let wte = Embedding(int64 config.VocabSize, int64 config.EmbeddingDim)
@@ -106,9 +106,16 @@ type GptModel(config: GptConfig, ?seed: int64) as this =
         if config.TiedHead then null else Linear(int64 config.EmbeddingDim, int64 config.VocabSize, hasBias = false)
     do
         this.RegisterComponents()
-        let generator = seed |> Option.map (fun s -> new torch.Generator(uint64 s, torch.CPU))
-        try Initialisation.apply config.Layers (Option.toObj generator) this
-        finally generator |> Option.iter (fun g -> g.Dispose())
+        // Skipped (internally) when every weight is about to be overwritten by a checkpoint: drawing 124M normals is
+        // seconds of work.
+        if initialise then
+            let generator = seed |> Option.map (fun s -> new torch.Generator(uint64 s, torch.CPU))
+            try Initialisation.apply config.Layers (Option.toObj generator) this
+            finally generator |> Option.iter (fun g -> g.Dispose())
+
+    /// A model with GPT-2's initialisation, from `seed` when given (reproducible, the global generator untouched),
+    /// otherwise from the global torch generator.
+    new(config: GptConfig, ?seed: int64) = new GptModel(config, seed, true)
 
     member _.Config = config
     /// The token embedding (vocab, C), state_dict key `wte`; also the output head when tied.

@@ -157,7 +157,7 @@ module Pretrained =
         let redundant (name: string) =
             (tied && name = "lm_head.weight") || (not qkvBias && name.EndsWith(".attn.c_attn.bias", StringComparison.Ordinal))
         let available = byName |> Map.filter (fun name _ -> not (redundant name))
-        let model = new GptModel(config, 0L)
+        let model = new GptModel(config, None, false) // every weight is overwritten below
         try
             let expected = model.state_dict () |> Seq.map (fun (KeyValue(name, tensor)) -> name, tensor) |> List.ofSeq
             let expectedNames = expected |> List.map fst |> Set.ofList
