@@ -63,6 +63,11 @@ let bookInputs () =
            0.05f; 0.80f; 0.55f |] // step
     ).view(6L, 3L)
 
+/// Runs f without recording gradients.
+let noGrad (f: unit -> 'T) =
+    use _ = torch.no_grad ()
+    f ()
+
 /// Copies a tensor into a parameter without recording gradients.
 let assign (parameter: torch.Tensor) (value: torch.Tensor) =
     use _ = torch.no_grad ()

@@ -76,16 +76,18 @@ module private Initialisation =
     let apply (layers: int) (generator: torch.Generator) (model: torch.nn.Module) =
         use _ = torch.no_grad ()
         let residualStd = 0.02 / Math.Sqrt(2.0 * float layers)
+        // Tensor.normal_ rather than init.normal_: TorchSharp 0.107's init.normal_ does not honour its generator
+        // (two generators with one seed gave different values).
+        let normal (std: float) (tensor: torch.Tensor) = tensor.normal_(0.0, std, generator) |> ignore
         for struct (name, m) in model.named_modules () do
             match m with
             | :? Modules.Linear as linear ->
-                let std = if name.EndsWith "c_proj" then residualStd else 0.02
-                init.normal_(linear.weight, 0.0, std, generator) |> ignore
-                if not (isNull linear.bias) then init.zeros_ linear.bias |> ignore
-            | :? Modules.Embedding as embedding -> init.normal_(embedding.weight, 0.0, 0.02, generator) |> ignore
+                normal (if name.EndsWith "c_proj" then residualStd else 0.02) linear.weight
+                if not (isNull linear.bias) then linear.bias.zero_ () |> ignore
+            | :? Modules.Embedding as embedding -> normal 0.02 embedding.weight
             | :? LayerNorm as norm ->
-                init.ones_ norm.Scale |> ignore
-                init.zeros_ norm.Shift |> ignore
+                norm.Scale.fill_ 1.0 |> ignore
+                norm.Shift.zero_ () |> ignore
             | _ -> ()
 
 /// GPT-2 (book ch. 4, nanoGPT's GPT): token and position embeddings, `Layers` transformer blocks, a final LayerNorm
