@@ -35,13 +35,14 @@ module Pretrained =
             match root.TryGetProperty key with
             | true, value when value.ValueKind <> JsonValueKind.Null -> Some value
             | _ -> None
+        // TryGet* throws on a non-number, so the kind is checked first.
         let integer (value: JsonElement) (key: string) =
-            match value.ValueKind, value.TryGetInt32() with
-            | JsonValueKind.Number, (true, number) -> number
+            match value.ValueKind with
+            | JsonValueKind.Number when fst (value.TryGetInt32()) -> value.GetInt32()
             | _ -> configError path "\"%s\" must be an integer, found %s" key (value.GetRawText())
         let number (value: JsonElement) (key: string) =
-            match value.ValueKind, value.TryGetDouble() with
-            | JsonValueKind.Number, (true, number) -> number
+            match value.ValueKind with
+            | JsonValueKind.Number -> value.GetDouble()
             | _ -> configError path "\"%s\" must be a number, found %s" key (value.GetRawText())
         let boolean (value: JsonElement) (key: string) =
             match value.ValueKind with
@@ -58,7 +59,7 @@ module Pretrained =
             configError path "model_type %s is not supported, expected \"gpt2\"" (value.GetRawText())
         | _ -> ()
         match tryField "activation_function" with
-        | Some value when not (List.contains (value.GetString()) [ "gelu_new"; "gelu_pytorch_tanh"; "gelu_fast" ]) ->
+        | Some value when value.ValueKind <> JsonValueKind.String || not (List.contains (value.GetString()) [ "gelu_new"; "gelu_pytorch_tanh"; "gelu_fast" ]) ->
             configError path "activation_function %s is not supported: GPT-2 uses the tanh-approximate GELU (\"gelu_new\")" (value.GetRawText())
         | _ -> ()
         let config =

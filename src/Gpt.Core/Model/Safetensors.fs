@@ -65,9 +65,10 @@ module Safetensors =
         let integers (key: string) =
             let value = field key
             if value.ValueKind <> JsonValueKind.Array then bad (sprintf "\"%s\" is not an array" key)
+            // TryGetInt64 throws on a non-number, so the kind is checked first.
             [| for item in value.EnumerateArray() ->
-                   match item.ValueKind, item.TryGetInt64() with
-                   | JsonValueKind.Number, (true, number) when number >= 0L -> number
+                   match item.ValueKind with
+                   | JsonValueKind.Number when fst (item.TryGetInt64()) && item.GetInt64() >= 0L -> item.GetInt64()
                    | _ -> bad (sprintf "\"%s\" must hold non-negative integers, found %s" key (value.GetRawText())) |]
         let dtype = field "dtype"
         if dtype.ValueKind <> JsonValueKind.String then bad "\"dtype\" is not a string"
