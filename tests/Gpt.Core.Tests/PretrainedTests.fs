@@ -157,6 +157,36 @@ let roundTripTests =
     ]
 
 [<Tests>]
+let pytorchTests =
+    testList "pretrained: PyTorch state dicts through TorchSharp.PyBridge" [
+        testCase "a pickled state dict (prefixed names, as transformers writes) loads to the fixture's logits" <| fun () ->
+            use temp = new TempDir()
+            let tensors, _ = Safetensors.readWithMetadata (fixture "tiny-gpt2/model.safetensors")
+            try
+                let state = Collections.Generic.Dictionary<string, torch.Tensor>()
+                for name, tensor in tensors do state["transformer." + name] <- tensor
+                state["lm_head.weight"] <- snd (tensors |> List.find (fun (n, _) -> n = "wte.weight"))
+                let directory = temp.File "pt"
+                Directory.CreateDirectory directory |> ignore
+                File.Copy(fixture "tiny-gpt2/config.json", Path.Combine(directory, "config.json"))
+                TorchSharp.PyBridge.PyTorchPickler.PickleStateDict(Path.Combine(directory, "pytorch_model.bin"), state)
+                use fromPickle = Pretrained.load directory
+                use fromSafetensors = Pretrained.load (fixture "tiny-gpt2")
+                Expect.isTrue fromPickle.Config.TiedHead "the lm_head copy of wte is recognised"
+                use ids = randomIds 4 50257 2 16
+                use _ = torch.no_grad ()
+                expectEqual (fromPickle.forward ids) (fromSafetensors.forward ids) "logits"
+            finally
+                for _, t in tensors do t.Dispose()
+
+        testCase "a corrupt pickle is an error naming the file" <| fun () ->
+            use temp = new TempDir()
+            let path = temp.File "bad.pth"
+            File.WriteAllBytes(path, Encoding.ASCII.GetBytes "PK\003\004 not really a zip")
+            throwsGpt [ "PyTorch checkpoint"; "bad.pth"; "could not be read" ] (fun () -> Pretrained.loadPyTorch (fixture "tiny-gpt2/config.json") path |> ignore) "corrupt"
+    ]
+
+[<Tests>]
 let badCheckpointTests =
     testList "pretrained: bad files fail with the file, the tensor, expected and found" [
         testCase "a wrong shape names tensor, found and expected shape" <| fun () ->
@@ -205,7 +235,7 @@ let badCheckpointTests =
             Directory.CreateDirectory(temp.File "empty") |> ignore
             throwsGpt [ "config.json' does not exist" ] (fun () -> Pretrained.load (temp.File "empty") |> ignore) "config"
             File.Copy(fixture "tiny-gpt2/config.json", temp.File "empty/config.json")
-            throwsGpt [ "has no model.safetensors" ] (fun () -> Pretrained.load (temp.File "empty") |> ignore) "weights"
+            throwsGpt [ "has no model.safetensors (nor pytorch_model.bin)" ] (fun () -> Pretrained.load (temp.File "empty") |> ignore) "weights"
     ]
 
 [<Tests>]

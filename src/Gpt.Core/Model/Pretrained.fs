@@ -13,6 +13,8 @@ open Gpt
 module Pretrained =
     let configFileName = "config.json"
     let weightsFileName = "model.safetensors"
+    /// The name transformers gives a pickled PyTorch state dict; `load` falls back to it.
+    let pytorchFileName = "pytorch_model.bin"
 
     // ---- config.json ----------------------------------------------------------------------------------------------
 
@@ -192,18 +194,51 @@ module Pretrained =
             model.Dispose()
             reraise ()
 
-    /// Loads DIR/config.json and DIR/model.safetensors (F16/BF16 converted to float32). Bad files fail naming the
-    /// file, the tensor, expected and found shape or dtype, and the missing and unexpected keys. Eval mode.
+    /// Reads a pickled PyTorch state dict (`torch.save(model.state_dict(), path)`: a .pth, or transformers'
+    /// pytorch_model.bin) with TorchSharp.PyBridge's unpickler, sorted by name. The caller owns the tensors.
+    let readPyTorchStateDict (path: string) : (string * torch.Tensor) list =
+        if not (File.Exists path) then Errors.fail "PyTorch checkpoint '%s' does not exist" path
+        let table =
+            try
+                TorchSharp.PyBridge.PyTorchUnpickler.UnpickleStateDict path
+            with e ->
+                raise (GptException(sprintf "PyTorch checkpoint '%s' could not be read as a state dict: %s" path e.Message, e))
+        let entries = [ for entry in table |> Seq.cast<Collections.DictionaryEntry> -> string entry.Key, entry.Value ]
+        let tensors = entries |> List.choose (fun (name, value) -> match value with :? torch.Tensor as t -> Some(name, t) | _ -> None)
+        match entries |> List.tryFind (fun (_, value) -> not (value :? torch.Tensor)) with
+        | Some(name, value) ->
+            for _, tensor in tensors do tensor.Dispose()
+            Errors.fail "PyTorch checkpoint '%s': entry '%s' is a %s, not a tensor: expected a plain state dict" path name (if isNull value then "null" else value.GetType().Name)
+        | None -> tensors |> List.sortBy fst
+
+    /// Loads a configuration and a pickled PyTorch state dict in the Hugging Face GPT-2 layout. Eval mode.
+    let loadPyTorch (configPath: string) (statePath: string) : GptModel =
+        let config = readConfig configPath
+        let tensors = readPyTorchStateDict statePath
+        try
+            fromTensors statePath config tensors
+        finally
+            for _, tensor in tensors do tensor.Dispose()
+
+    /// Loads DIR/config.json and DIR/model.safetensors (F16/BF16 converted to float32), or DIR/pytorch_model.bin when
+    /// there is no safetensors file. Bad files fail naming the file, the tensor, expected and found shape or dtype,
+    /// and the missing and unexpected keys. Eval mode.
     let load (directory: string) : GptModel =
         if not (Directory.Exists directory) then Errors.fail "model directory '%s' does not exist" directory
         let weightsPath = Path.Combine(directory, weightsFileName)
-        let config = readConfig (Path.Combine(directory, configFileName))
-        if not (File.Exists weightsPath) then Errors.fail "model directory '%s' has no %s" directory weightsFileName
-        let tensors, _ = Safetensors.readWithMetadata weightsPath
-        try
-            fromTensors weightsPath config tensors
-        finally
-            for _, tensor in tensors do tensor.Dispose()
+        let pytorchPath = Path.Combine(directory, pytorchFileName)
+        let configPath = Path.Combine(directory, configFileName)
+        let config = readConfig configPath
+        if File.Exists weightsPath then
+            let tensors, _ = Safetensors.readWithMetadata weightsPath
+            try
+                fromTensors weightsPath config tensors
+            finally
+                for _, tensor in tensors do tensor.Dispose()
+        elif File.Exists pytorchPath then
+            loadPyTorch configPath pytorchPath
+        else
+            Errors.fail "model directory '%s' has no %s (nor %s)" directory weightsFileName pytorchFileName
 
     // ---- save ---------------------------------------------------------------------------------------------------
 
