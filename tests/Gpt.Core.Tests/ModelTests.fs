@@ -187,6 +187,19 @@ let behaviourTests =
             expectEqual (clean.forward ids) first "eval: same as the model without dropout"
             Expect.isFalse first.requires_grad "no graph under no_grad"
 
+        testCase "backward reaches every parameter; the tied head's gradient lands in wte" <| fun () ->
+            for tied in [ true; false ] do
+                use model = new GptModel({ tinyConfig with TiedHead = tied; DropRate = 0.1 }, 4L)
+                model.train ()
+                use ids = randomIds 8 97 2 12
+                use targets = randomIds 9 97 2 12
+                use logits = model.forward ids
+                use loss = torch.nn.functional.cross_entropy(logits.flatten(0L, 1L), targets.flatten())
+                loss.backward ()
+                for struct (name, parameter) in model.named_parameters () do
+                    Expect.isFalse (isNull parameter.grad) (sprintf "%s has a gradient (tied %b)" name tied)
+                    Expect.isGreaterThan (parameter.grad.abs().sum().item<float32> ()) 0.0f (sprintf "%s gradient is nonzero (tied %b)" name tied)
+
         testCase "inputs longer than the context or outside the vocabulary fail with a message" <| fun () ->
             use model = new GptModel(tinyConfig, 1L)
             throwsGpt [ "sequence length 13 exceeds the model's context length 12" ] (fun () -> model.forward (torch.zeros([| 1L; 13L |], dtype = torch.int64)) |> ignore) "too long"
@@ -227,6 +240,10 @@ let cacheTests =
             throwsGpt [ "the cache holds 12 tokens; 1 more would exceed the context length 12" ] (fun () -> model.ForwardCached(ids.narrow(1L, 0L, 1L), cache) |> ignore) "overflow"
             cache.Reset()
             throwsGpt [ "the cache was made for batch size 1, the input has batch size 2" ] (fun () -> model.ForwardCached(randomIds 5 97 2 3, cache) |> ignore) "batch"
+            use other = new GptModel({ tinyConfig with Heads = 2 }, 7L)
+            use otherCache = other.CreateCache 1
+            throwsGpt [ "the cache was made for another model (2 layers of [1, 2, 12, 8] buffers), this model needs 2 layers of [1, 4, 12, 4]" ]
+                (fun () -> model.ForwardCached(ids, otherCache) |> ignore) "another model"
             (cache :> IDisposable).Dispose()
             Expect.throwsT<ObjectDisposedException> (fun () -> model.ForwardCached(ids, cache) |> ignore) "disposed"
     ]

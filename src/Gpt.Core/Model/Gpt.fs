@@ -115,8 +115,10 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
             try Initialisation.apply config.Layers (Option.toObj generator) this
             finally generator |> Option.iter (fun g -> g.Dispose())
 
-    /// A model with GPT-2's initialisation, from `seed` when given (reproducible, the global generator untouched),
-    /// otherwise from the global torch generator.
+    /// A model with GPT-2's initialisation: from `seed` when given (the weights then depend on the seed alone, never
+    /// on the global generator, so seeded models can be built in parallel), otherwise from the global torch generator.
+    /// (TorchSharp's layer constructors still draw their own default initialisation from the global generator
+    /// before ours overwrites it.)
     new(config: GptConfig, ?seed: int64) = new GptModel(config, seed, true)
 
     member _.Config = config
@@ -164,9 +166,10 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
         if cache.IsDisposed then raise (ObjectDisposedException "KvCache")
         let past = cache.Length
         let fresh = int ids.shape[1]
-        Errors.require (cache.Layers = config.Layers && cache.ContextLength = config.ContextLength)
-            "the cache was made for another model (%d layers, context %d), this model has %d layers, context %d"
-            cache.Layers cache.ContextLength config.Layers config.ContextLength
+        let expected = [| int64 cache.BatchSize; int64 config.Heads; int64 config.ContextLength; int64 (config.EmbeddingDim / config.Heads) |]
+        Errors.require (cache.Layers = config.Layers && (cache.Keys 0).shape = expected)
+            "the cache was made for another model (%d layers of %s buffers), this model needs %d layers of %s"
+            cache.Layers (Errors.shapeText (cache.Keys 0).shape) config.Layers (Errors.shapeText expected)
         Errors.require (ids.shape[0] = int64 cache.BatchSize)
             "the cache was made for batch size %d, the input has batch size %d" cache.BatchSize ids.shape[0]
         Errors.require (past + fresh <= config.ContextLength)
