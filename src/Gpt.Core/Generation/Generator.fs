@@ -80,6 +80,12 @@ module LanguageModel =
                 | :? ModuleCache<'Cache> as cache -> forwardCached (ids, cache.Inner)
                 | other -> Errors.fail "the cache passed to %s was not made by it (found %s)" (model.GetName()) (other.GetType().Name) }
 
+    /// The GPT model: forward for full recomputation, its preallocated KV cache for incremental decoding.
+    let ofGpt (model: Gpt.Model.GptModel) : ILanguageModel =
+        if isNull (box model) then nullArg "model"
+        ofModule model model.Config.VocabSize model.Config.ContextLength model.CreateCache model.ForwardCached
+            (fun cache -> cache.Length) (fun cache -> cache.Reset())
+
 /// How to generate.
 type GenerationOptions =
     { /// The most tokens added to each prompt (fewer when the end-of-text token comes first).

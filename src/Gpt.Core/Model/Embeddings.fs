@@ -18,8 +18,10 @@ module TokenIds =
             Errors.fail "sequence length %d exceeds the model's context length %d" length contextLength
         if length = 0L || ids.shape[0] = 0L then
             Errors.fail "token ids are empty: shape %s" (Errors.shapeText ids.shape)
-        let low = ids.min().item<int64> ()
-        let high = ids.max().item<int64> ()
+        use lowest = ids.min().to_type(torch.int64)
+        use highest = ids.max().to_type(torch.int64)
+        let low = lowest.item<int64> ()
+        let high = highest.item<int64> ()
         if low < 0L || high >= int64 vocabSize then
             let bad = if low < 0L then low else high
             Errors.fail "token id %d is outside the vocabulary (0..%d)" bad (vocabSize - 1)

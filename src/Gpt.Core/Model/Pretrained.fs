@@ -1,0 +1,283 @@
+namespace Gpt.Model
+
+open System
+open System.IO
+open System.Text.Json
+open System.Text.RegularExpressions
+open TorchSharp
+open Gpt
+
+/// Weights in the Hugging Face GPT-2 layout: a directory with `config.json` and `model.safetensors`, the layout
+/// `transformers.GPT2LMHeadModel` reads and writes.
+[<RequireQualifiedAccess>]
+module Pretrained =
+    let configFileName = "config.json"
+    let weightsFileName = "model.safetensors"
+    /// The name transformers gives a pickled PyTorch state dict; `load` falls back to it.
+    let pytorchFileName = "pytorch_model.bin"
+
+    // ---- config.json ----------------------------------------------------------------------------------------------
+
+    let private configError (path: string) format =
+        Printf.ksprintf (fun message -> raise (GptException(sprintf "config '%s': %s" path message))) format
+
+    /// Reads a Hugging Face GPT-2 config.json: n_embd, n_head, n_layer, n_positions (or n_ctx), vocab_size,
+    /// layer_norm_epsilon; resid_pdrop for dropout (default 0.1), tie_word_embeddings (default true) and our own
+    /// qkv_bias (default true: every released GPT-2 has it). Settings this model cannot honour are errors.
+    let readConfig (path: string) : GptConfig =
+        if not (File.Exists path) then Errors.fail "config '%s' does not exist" path
+        use document =
+            try
+                JsonDocument.Parse(File.ReadAllText path)
+            with :? JsonException as e ->
+                configError path "not valid JSON (%s)" e.Message
+        let root = document.RootElement
+        if root.ValueKind <> JsonValueKind.Object then configError path "not a JSON object"
+        let tryField (key: string) =
+            match root.TryGetProperty key with
+            | true, value when value.ValueKind <> JsonValueKind.Null -> Some value
+            | _ -> None
+        // TryGet* throws on a non-number, so the kind is checked first.
+        let integer (value: JsonElement) (key: string) =
+            match value.ValueKind with
+            | JsonValueKind.Number when fst (value.TryGetInt32()) -> value.GetInt32()
+            | _ -> configError path "\"%s\" must be an integer, found %s" key (value.GetRawText())
+        let number (value: JsonElement) (key: string) =
+            match value.ValueKind with
+            | JsonValueKind.Number -> value.GetDouble()
+            | _ -> configError path "\"%s\" must be a number, found %s" key (value.GetRawText())
+        let boolean (value: JsonElement) (key: string) =
+            match value.ValueKind with
+            | JsonValueKind.True -> true
+            | JsonValueKind.False -> false
+            | _ -> configError path "\"%s\" must be true or false, found %s" key (value.GetRawText())
+        let required (keys: string list) =
+            match keys |> List.tryPick (fun key -> tryField key |> Option.map (fun value -> integer value key)) with
+            | Some value -> value
+            | None -> configError path "missing \"%s\"" (String.concat "\" or \"" keys)
+        let optional key parse fallback = tryField key |> Option.map (fun value -> parse value key) |> Option.defaultValue fallback
+        match tryField "model_type" with
+        | Some value when value.ValueKind <> JsonValueKind.String || value.GetString() <> "gpt2" ->
+            configError path "model_type %s is not supported, expected \"gpt2\"" (value.GetRawText())
+        | _ -> ()
+        match tryField "activation_function" with
+        | Some value when value.ValueKind <> JsonValueKind.String || not (List.contains (value.GetString()) [ "gelu_new"; "gelu_pytorch_tanh"; "gelu_fast" ]) ->
+            configError path "activation_function %s is not supported: GPT-2 uses the tanh-approximate GELU (\"gelu_new\")" (value.GetRawText())
+        | _ -> ()
+        let config =
+            { VocabSize = required [ "vocab_size" ]
+              ContextLength = required [ "n_positions"; "n_ctx" ]
+              EmbeddingDim = required [ "n_embd" ]
+              Heads = required [ "n_head" ]
+              Layers = required [ "n_layer" ]
+              DropRate = optional "resid_pdrop" number 0.1
+              QkvBias = optional "qkv_bias" boolean true
+              TiedHead = optional "tie_word_embeddings" boolean true
+              LayerNormEpsilon = optional "layer_norm_epsilon" number 1e-5 }
+        match tryField "n_inner" with
+        | Some value when integer value "n_inner" <> 4 * config.EmbeddingDim ->
+            configError path "n_inner %s is not supported: the feed-forward width is 4 x n_embd = %d" (value.GetRawText()) (4 * config.EmbeddingDim)
+        | _ -> ()
+        if optional "scale_attn_by_inverse_layer_idx" boolean false then
+            configError path "scale_attn_by_inverse_layer_idx = true is not supported"
+        try
+            GptConfig.validate config
+        with :? GptException as e ->
+            configError path "%s" e.Message
+        config
+
+    /// The config.json text for a configuration: the standard GPT-2 keys (so transformers can read it) plus
+    /// tie_word_embeddings, the three dropout rates and our own qkv_bias, so an untied or bias-less model round-trips.
+    let configJson (config: GptConfig) =
+        use buffer = new MemoryStream()
+        (use json = new Utf8JsonWriter(buffer, JsonWriterOptions(Indented = true))
+         json.WriteStartObject()
+         json.WriteString("model_type", "gpt2")
+         json.WriteStartArray "architectures"
+         json.WriteStringValue "GPT2LMHeadModel"
+         json.WriteEndArray()
+         json.WriteNumber("vocab_size", config.VocabSize)
+         json.WriteNumber("n_positions", config.ContextLength)
+         json.WriteNumber("n_ctx", config.ContextLength)
+         json.WriteNumber("n_embd", config.EmbeddingDim)
+         json.WriteNumber("n_head", config.Heads)
+         json.WriteNumber("n_layer", config.Layers)
+         json.WriteNumber("layer_norm_epsilon", config.LayerNormEpsilon)
+         json.WriteString("activation_function", "gelu_new")
+         json.WriteNumber("resid_pdrop", config.DropRate)
+         json.WriteNumber("embd_pdrop", config.DropRate)
+         json.WriteNumber("attn_pdrop", config.DropRate)
+         // GPT-2's end-of-text token; a smaller custom vocabulary uses its last id.
+         json.WriteNumber("bos_token_id", min 50256 (config.VocabSize - 1))
+         json.WriteNumber("eos_token_id", min 50256 (config.VocabSize - 1))
+         json.WriteBoolean("tie_word_embeddings", config.TiedHead)
+         json.WriteBoolean("qkv_bias", config.QkvBias)
+         json.WriteEndObject())
+        Text.Encoding.UTF8.GetString(buffer.ToArray()) + "\n"
+
+    // ---- tensor names -------------------------------------------------------------------------------------------
+
+    /// Hugging Face stores these four as Conv1D weights, [in, out] (y = x W + b): transposed relative to a Linear
+    /// layer's [out, in] (y = x Wᵀ + b).
+    let isConv1DWeight (name: string) =
+        [ ".attn.c_attn.weight"; ".attn.c_proj.weight"; ".mlp.c_fc.weight"; ".mlp.c_proj.weight" ]
+        |> List.exists (fun suffix -> name.EndsWith(suffix, StringComparison.Ordinal))
+
+    /// The causal-mask buffers older checkpoints carry, h.{i}.attn.bias and h.{i}.attn.masked_bias: not weights.
+    /// (Anchored on ".attn.": "h.0.attn.c_attn.bias" is a weight and must not match.)
+    let isMaskBuffer (name: string) = Regex.IsMatch(name, @"^h\.\d+\.attn\.(bias|masked_bias)$")
+
+    /// GPT2LMHeadModel names its body "transformer.": the bare GPT2Model names are the same without it.
+    let stripPrefix (name: string) =
+        if name.StartsWith("transformer.", StringComparison.Ordinal) then name.Substring "transformer.".Length else name
+
+    // ---- load ---------------------------------------------------------------------------------------------------
+
+    /// Builds a model from tensors in the Hugging Face layout (names with or without "transformer.", Conv1D
+    /// weights [in, out], any float dtype). `source` names the file in error messages. The configuration adapts to
+    /// what the tensors say: an lm_head.weight that differs from wte.weight makes the head untied; nonzero
+    /// c_attn biases under qkv_bias = false turn the bias on. The model is returned in eval mode.
+    let fromTensors (source: string) (config: GptConfig) (tensors: (string * torch.Tensor) list) : GptModel =
+        let fail format = Printf.ksprintf (fun message -> raise (GptException(sprintf "checkpoint '%s': %s" source message))) format
+        let renamed = tensors |> List.map (fun (name, tensor) -> stripPrefix name, (name, tensor))
+        match renamed |> List.countBy fst |> List.filter (fun (_, n) -> n > 1) with
+        | [] -> ()
+        | twice -> fail "these tensors appear both with and without the \"transformer.\" prefix: %s" (twice |> List.map fst |> String.concat ", ")
+        let byName = renamed |> List.filter (fun (name, _) -> not (isMaskBuffer name)) |> Map.ofList
+        let isZero (tensor: torch.Tensor) = tensor.count_nonzero().item<int64> () = 0L
+        let tied =
+            config.TiedHead
+            && (match byName.TryFind "lm_head.weight", byName.TryFind "wte.weight" with
+                | Some(_, head), Some(_, embedding) -> head.shape = embedding.shape && head.allclose(embedding, rtol = 0.0, atol = 0.0)
+                | Some _, None -> false
+                | None, _ -> true)
+        let qkvBias =
+            config.QkvBias
+            || byName |> Map.exists (fun name (_, tensor) -> name.EndsWith(".attn.c_attn.bias", StringComparison.Ordinal) && not (isZero tensor))
+        let config = { config with TiedHead = tied; QkvBias = qkvBias }
+        // What a tied head or a bias-less attention leaves over: the copy of wte, and the zero biases we save for
+        // transformers (whose GPT-2 always has them).
+        let redundant (name: string) =
+            (tied && name = "lm_head.weight") || (not qkvBias && name.EndsWith(".attn.c_attn.bias", StringComparison.Ordinal))
+        let available = byName |> Map.filter (fun name _ -> not (redundant name))
+        let model = new GptModel(config, None, false) // every weight is overwritten below
+        try
+            let expected = model.state_dict () |> Seq.map (fun (KeyValue(name, tensor)) -> name, tensor) |> List.ofSeq
+            let expectedNames = expected |> List.map fst |> Set.ofList
+            let missing = expected |> List.map fst |> List.filter (fun name -> not (available.ContainsKey name))
+            let unexpected = available |> Map.toList |> List.map (fun (_, (original, _)) -> original) |> List.filter (fun original -> not (expectedNames.Contains(stripPrefix original)))
+            let problems =
+                [ for name, parameter in expected do
+                      match available.TryFind name with
+                      | None -> ()
+                      | Some(original, tensor) ->
+                          let wanted = if isConv1DWeight name then Array.rev parameter.shape else parameter.shape
+                          if not (tensor.is_floating_point ()) then
+                              yield sprintf "tensor '%s' has dtype %O, expected a floating-point dtype" original tensor.dtype
+                          elif tensor.shape <> wanted then
+                              let layout = if isConv1DWeight name then " (Conv1D layout [in, out])" else ""
+                              yield sprintf "tensor '%s' has shape %s, expected %s%s" original (Errors.shapeText tensor.shape) (Errors.shapeText wanted) layout
+                  if not missing.IsEmpty then yield "missing keys: " + String.concat ", " missing
+                  if not unexpected.IsEmpty then yield "unexpected keys: " + String.concat ", " unexpected ]
+            if not problems.IsEmpty then fail "%s" (String.concat "; " problems)
+            use _ = torch.no_grad ()
+            for name, parameter in expected do
+                let _, tensor = available[name]
+                if isConv1DWeight name then
+                    use transposed = tensor.t ()
+                    parameter.copy_ transposed |> ignore
+                else
+                    parameter.copy_ tensor |> ignore
+            model.eval ()
+            model
+        with _ ->
+            model.Dispose()
+            reraise ()
+
+    /// Reads a pickled PyTorch state dict (`torch.save(model.state_dict(), path)`: a .pth, or transformers'
+    /// pytorch_model.bin) with TorchSharp.PyBridge's unpickler, sorted by name. The caller owns the tensors.
+    let readPyTorchStateDict (path: string) : (string * torch.Tensor) list =
+        if not (File.Exists path) then Errors.fail "PyTorch checkpoint '%s' does not exist" path
+        let table =
+            try
+                TorchSharp.PyBridge.PyTorchUnpickler.UnpickleStateDict path
+            with e ->
+                raise (GptException(sprintf "PyTorch checkpoint '%s' could not be read as a state dict: %s" path e.Message, e))
+        let entries = [ for entry in table |> Seq.cast<Collections.DictionaryEntry> -> string entry.Key, entry.Value ]
+        let tensors = entries |> List.choose (fun (name, value) -> match value with :? torch.Tensor as t -> Some(name, t) | _ -> None)
+        match entries |> List.tryFind (fun (_, value) -> not (value :? torch.Tensor)) with
+        | Some(name, value) ->
+            for _, tensor in tensors do tensor.Dispose()
+            Errors.fail "PyTorch checkpoint '%s': entry '%s' is a %s, not a tensor: expected a plain state dict" path name (if isNull value then "null" else value.GetType().Name)
+        | None -> tensors |> List.sortBy fst
+
+    /// Loads a configuration and a pickled PyTorch state dict in the Hugging Face GPT-2 layout. Eval mode.
+    let loadPyTorch (configPath: string) (statePath: string) : GptModel =
+        let config = readConfig configPath
+        let tensors = readPyTorchStateDict statePath
+        try
+            fromTensors statePath config tensors
+        finally
+            for _, tensor in tensors do tensor.Dispose()
+
+    /// Loads DIR/config.json and DIR/model.safetensors (F16/BF16 converted to float32), or DIR/pytorch_model.bin when
+    /// there is no safetensors file. Bad files fail naming the file, the tensor, expected and found shape or dtype,
+    /// and the missing and unexpected keys. Eval mode.
+    let load (directory: string) : GptModel =
+        if not (Directory.Exists directory) then Errors.fail "model directory '%s' does not exist" directory
+        let weightsPath = Path.Combine(directory, weightsFileName)
+        let pytorchPath = Path.Combine(directory, pytorchFileName)
+        let configPath = Path.Combine(directory, configFileName)
+        let config = readConfig configPath
+        if File.Exists weightsPath then
+            let tensors, _ = Safetensors.readWithMetadata weightsPath
+            try
+                fromTensors weightsPath config tensors
+            finally
+                for _, tensor in tensors do tensor.Dispose()
+        elif File.Exists pytorchPath then
+            loadPyTorch configPath pytorchPath
+        else
+            Errors.fail "model directory '%s' has no %s (nor %s)" directory weightsFileName pytorchFileName
+
+    // ---- save ---------------------------------------------------------------------------------------------------
+
+    /// The model's tensors under Hugging Face names and layout: Conv1D weights transposed to [in, out]; no lm_head
+    /// when tied; zero c_attn biases when the model has none, so that transformers (whose GPT-2 always has them)
+    /// computes the same function.
+    let toTensors (model: GptModel) : (string * torch.Tensor) list =
+        let config = model.Config
+        [ for KeyValue(name, parameter) in model.state_dict () do
+              let tensor = parameter.detach ()
+              yield name, (if isConv1DWeight name then tensor.t().contiguous() else tensor)
+              if not config.QkvBias && name.EndsWith(".attn.c_attn.weight", StringComparison.Ordinal) then
+                  yield name.Replace(".weight", ".bias"), torch.zeros(3L * int64 config.EmbeddingDim, dtype = parameter.dtype) ]
+
+    /// Writes DIR/config.json and DIR/model.safetensors. A new directory is written as a temporary sibling and renamed
+    /// into place; in an existing directory (which may hold other files, such as a tokenizer) each file is written
+    /// under a temporary name and renamed over the old one, so no reader ever sees a half-written file.
+    let save (directory: string) (model: GptModel) =
+        let directory = Path.GetFullPath directory
+        let writeInto (folder: string) =
+            use scope = torch.NewDisposeScope()
+            let configTemporary = Path.Combine(folder, configFileName + ".tmp-" + Guid.NewGuid().ToString("N"))
+            File.WriteAllText(configTemporary, configJson model.Config)
+            try
+                Safetensors.write (Path.Combine(folder, weightsFileName)) (toTensors model)
+                File.Move(configTemporary, Path.Combine(folder, configFileName), true)
+            with _ ->
+                (try File.Delete configTemporary with _ -> ())
+                reraise ()
+        if Directory.Exists directory then
+            writeInto directory
+        else
+            let parent = Path.GetDirectoryName directory
+            if not (String.IsNullOrEmpty parent) then Directory.CreateDirectory parent |> ignore
+            let temporary = directory + ".tmp-" + Guid.NewGuid().ToString("N")
+            Directory.CreateDirectory temporary |> ignore
+            try
+                writeInto temporary
+                Directory.Move(temporary, directory)
+            with _ ->
+                (try Directory.Delete(temporary, true) with _ -> ())
+                reraise ()
