@@ -20,6 +20,7 @@ internal static class BenchCommand
             parse => Tokenizer(parse.GetValue(megabytes)));
         tokenizer.Add(megabytes);
         command.Add(tokenizer);
+        command.Add(GenerateCommand.Bench(context));
         foreach (var part in Parts) command.Add(part(context));
         return command;
     }

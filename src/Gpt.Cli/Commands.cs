@@ -9,6 +9,10 @@ internal static partial class Commands
 {
     public static IEnumerable<Command> Extra(CliContext context)
     {
+        yield return ModelCommands.Init(context);
+        yield return ModelCommands.Info(context);
+        yield return ModelCommands.Logits(context);
+        yield return GenerateCommand.Create(context);
         yield return BenchCommand.Create(context);
     }
 

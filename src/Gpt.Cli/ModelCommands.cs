@@ -1,0 +1,148 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Text.Json.Nodes;
+
+namespace Gpt.Cli;
+
+/// <summary>Options that choose a model shape: a preset and optional overrides.</summary>
+internal sealed class ConfigOptions
+{
+    public Option<string> Preset { get; } = new("--config") { Description = "Preset: gpt2-small (124M), gpt2-medium (355M), gpt2-large (774M), gpt2-xl (1558M).", DefaultValueFactory = _ => "gpt2-small" };
+    public Option<int?> VocabularySize { get; } = new("--vocab-size") { Description = "Override the vocabulary size." };
+    public Option<int?> ContextLength { get; } = new("--context-length") { Description = "Override the context length (positions)." };
+    public Option<int?> EmbeddingDim { get; } = new("--emb-dim") { Description = "Override the embedding dimension." };
+    public Option<int?> Heads { get; } = new("--heads") { Description = "Override the number of attention heads." };
+    public Option<int?> Layers { get; } = new("--layers") { Description = "Override the number of transformer blocks." };
+    public Option<double?> DropRate { get; } = new("--drop-rate") { Description = "Override the dropout rate, in [0, 1)." };
+    public Option<bool?> QkvBias { get; } = new("--qkv-bias") { Description = "Bias on the query/key/value projection (true|false)." };
+    public Option<bool?> TiedHead { get; } = new("--tied-head") { Description = "Tie the output head to the token embedding (true|false)." };
+
+    public void AddTo(Command command)
+    {
+        foreach (var option in new Option[] { Preset, VocabularySize, ContextLength, EmbeddingDim, Heads, Layers, DropRate, QkvBias, TiedHead })
+            command.Add(option);
+    }
+
+    public GptConfiguration Read(ParseResult parse)
+    {
+        var c = GptConfiguration.FromPreset(parse.GetValue(Preset)!);
+        c = c with
+        {
+            VocabularySize = parse.GetValue(VocabularySize) ?? c.VocabularySize,
+            ContextLength = parse.GetValue(ContextLength) ?? c.ContextLength,
+            EmbeddingDim = parse.GetValue(EmbeddingDim) ?? c.EmbeddingDim,
+            Heads = parse.GetValue(Heads) ?? c.Heads,
+            Layers = parse.GetValue(Layers) ?? c.Layers,
+            DropRate = parse.GetValue(DropRate) ?? c.DropRate,
+            QkvBias = parse.GetValue(QkvBias) ?? c.QkvBias,
+            TiedHead = parse.GetValue(TiedHead) ?? c.TiedHead,
+        };
+        c.Validate();
+        return c;
+    }
+}
+
+/// <summary><c>gpt init</c>, <c>gpt info</c>, <c>gpt logits</c>.</summary>
+internal static class ModelCommands
+{
+    public static Command Init(CliContext context)
+    {
+        var config = new ConfigOptions();
+        var output = new Option<string>("--out") { Description = "Directory to write (Hugging Face GPT-2 layout: config.json + model.safetensors).", Required = true };
+        var seed = new Option<long?>("--seed") { Description = "Seed for the initial weights (same seed, same weights)." };
+        var format = Commands.FormatOption();
+        var command = new Command("init", "Write a freshly initialised model in the Hugging Face GPT-2 layout.") { output, seed, format };
+        config.AddTo(command);
+        command.SetAction(parse => CliApp.Guard(context, () =>
+        {
+            var configuration = config.Read(parse);
+            using var model = GptModel.Create(configuration, parse.GetValue(seed));
+            var directory = parse.GetValue(output)!;
+            model.Save(directory);
+            var result = Describe(model);
+            result["path"] = Path.GetFullPath(directory);
+            Commands.Print(context, parse.GetValue(format)!, result);
+            return 0;
+        }));
+        return command;
+    }
+
+    public static Command Info(CliContext context)
+    {
+        var modelPath = ModelOption();
+        var format = Commands.FormatOption();
+        var command = new Command("info", "Print a model's configuration, parameter count and memory.") { modelPath, format };
+        command.SetAction(parse => CliApp.Guard(context, () =>
+        {
+            using var model = GptModel.Load(parse.GetValue(modelPath)!);
+            Commands.Print(context, parse.GetValue(format)!, Describe(model));
+            return 0;
+        }));
+        return command;
+    }
+
+    public static Command Logits(CliContext context)
+    {
+        var modelPath = ModelOption();
+        var ids = new Option<string[]>("--ids")
+        {
+            Description = "Token ids of one sequence, comma-separated (1,2,3); repeat for a batch of equal-length sequences.",
+            Required = true, AllowMultipleArgumentsPerToken = false,
+        };
+        var command = new Command("logits", "Print the logits {\"logits\": [[[...]]]} of shape [batch, length, vocabulary], for cross-checking against other implementations.") { modelPath, ids };
+        command.SetAction(parse => CliApp.Guard(context, () =>
+        {
+            var sequences = parse.GetValue(ids)!.Select((s, i) => ParseIdList(s, $"--ids #{i + 1}")).ToList();
+            using var model = GptModel.Load(parse.GetValue(modelPath)!);
+            var logits = model.Logits(sequences);
+            var writer = context.Output;
+            writer.Write("{\"logits\": [");
+            for (var b = 0; b < logits.Length; b++)
+            {
+                writer.Write(b == 0 ? "[" : ", [");
+                for (var t = 0; t < logits[b].Length; t++)
+                {
+                    writer.Write(t == 0 ? "[" : ", [");
+                    writer.Write(string.Join(", ", logits[b][t].Select(v => v.ToString("R", CultureInfo.InvariantCulture))));
+                    writer.Write("]");
+                }
+                writer.Write("]");
+            }
+            writer.WriteLine("]}");
+            return 0;
+        }));
+        return command;
+    }
+
+    internal static Option<string> ModelOption() =>
+        new("--model") { Description = "Model directory (Hugging Face GPT-2 layout: config.json + model.safetensors).", Required = true };
+
+    /// <summary>"1,2,3" (or "[1, 2, 3]") to ids, with a clear error.</summary>
+    internal static int[] ParseIdList(string text, string where)
+    {
+        var trimmed = text.Trim().TrimStart('[').TrimEnd(']');
+        if (trimmed.Length == 0) throw new GptException($"{where}: expected comma-separated token ids such as 15496,11, found an empty list");
+        return trimmed.Split(',').Select(part =>
+        {
+            if (!int.TryParse(part.Trim(), NumberStyles.Integer, CultureInfo.InvariantCulture, out var id))
+                throw new GptException($"{where}: expected comma-separated token ids such as 15496,11, found '{part.Trim()}'");
+            return id;
+        }).ToArray();
+    }
+
+    internal static JsonObject Describe(GptModel model)
+    {
+        var c = model.Configuration;
+        return new JsonObject
+        {
+            ["parameters"] = model.ParameterCount,
+            ["memory_mb"] = Math.Round(model.ParameterCount * 4.0 / (1024 * 1024), 2),
+            ["config"] = new JsonObject
+            {
+                ["vocab_size"] = c.VocabularySize, ["context_length"] = c.ContextLength, ["emb_dim"] = c.EmbeddingDim,
+                ["n_heads"] = c.Heads, ["n_layers"] = c.Layers, ["drop_rate"] = c.DropRate,
+                ["qkv_bias"] = c.QkvBias, ["tied_head"] = c.TiedHead, ["layer_norm_epsilon"] = c.LayerNormEpsilon,
+            },
+        };
+    }
+}
