@@ -1,0 +1,43 @@
+using System.Text.Json;
+
+namespace Gpt.CSharp.Tests;
+
+/// <summary>The independent PyTorch reference (reference/make_tiny_gpt2.py) and its recorded outputs.</summary>
+internal static class Fixtures
+{
+    public static string Root
+    {
+        get
+        {
+            var root = AppContext.BaseDirectory;
+            while (!File.Exists(Path.Combine(root, "Gpt.sln"))) root = Path.GetDirectoryName(root)!;
+            return root;
+        }
+    }
+
+    public static string TinyGpt2 => Path.Combine(Root, "tests", "fixtures", "tiny-gpt2");
+    public static string TinyGpt2F16 => Path.Combine(Root, "tests", "fixtures", "tiny-gpt2-f16-prefixed");
+
+    public static Reference Load(string directory)
+    {
+        using var json = JsonDocument.Parse(File.ReadAllText(Path.Combine(directory, "reference.json")));
+        var r = json.RootElement;
+        int[] Ints(JsonElement e) => e.EnumerateArray().Select(x => x.GetInt32()).ToArray();
+        return new Reference(
+            r.GetProperty("input_ids").EnumerateArray().Select(Ints).ToArray(),
+            Ints(r.GetProperty("greedy_prompt")),
+            Ints(r.GetProperty("greedy_ids")),
+            r.GetProperty("logits_first").EnumerateArray().Select(x => x.GetDouble()).ToArray(),
+            r.GetProperty("logits_sum").GetDouble());
+    }
+
+    public sealed record Reference(int[][] InputIds, int[] GreedyPrompt, int[] GreedyIds, double[] LogitsFirst, double LogitsSum);
+
+    /// <summary>A temporary folder deleted on dispose.</summary>
+    public sealed class TempDir : IDisposable
+    {
+        public string Path { get; } = Directory.CreateTempSubdirectory("gpt-cs-").FullName;
+        public string File(string name) => System.IO.Path.Combine(Path, name);
+        public void Dispose() { try { Directory.Delete(Path, true); } catch (IOException) { } }
+    }
+}
