@@ -1,0 +1,41 @@
+using System.Diagnostics;
+using Xunit;
+
+namespace Gpt.CSharp.Tests;
+
+/// <summary>The F# Interactive chapter scripts run against the built CLI output (this project references it, so it
+/// is built before these tests run) and print the book's results.</summary>
+public class ScriptTests
+{
+    private static (int ExitCode, string Output) RunScript(string name)
+    {
+        var start = new ProcessStartInfo("dotnet", ["fsi", Path.Combine(Fixtures.Root, "scripts", name)])
+        {
+            RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = Fixtures.Root,
+        };
+        using var process = Process.Start(start)!;
+        var stderr = process.StandardError.ReadToEndAsync();
+        var stdout = process.StandardOutput.ReadToEnd();
+        process.WaitForExit();
+        return (process.ExitCode, stdout + stderr.Result);
+    }
+
+    [Fact]
+    public void Chapter2Script()
+    {
+        var (code, output) = RunScript("ch02-text.fsx");
+        Assert.True(code == 0, output);
+        Assert.Contains("[|33901; 86; 343; 86; 220; 959|]", output);
+        Assert.Contains("input embeddings: [|8L; 4L; 256L|]", output);
+    }
+
+    [Fact]
+    public void Chapters3And4Script()
+    {
+        var (code, output) = RunScript("ch03-04-model.fsx");
+        Assert.True(code == 0, output);
+        Assert.Contains("0.4419", output);
+        Assert.Contains("163009536 parameters (621.83 MB)", output);
+        Assert.Contains("logits: [|2L; 4L; 50257L|]", output);
+    }
+}
