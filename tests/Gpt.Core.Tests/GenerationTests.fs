@@ -498,3 +498,56 @@ let globalSeedTests =
             use after = torch.get_rng_state ()
             Expect.equal (after.data<byte>().ToArray()) (before.data<byte>().ToArray()) "global generator state unchanged"
     ]
+
+// ---------------------------------------------------------------------------------------------------------------
+// The real GPT model through LanguageModel.ofGpt
+
+[<Tests>]
+let gptModelTests =
+    testList "generation with GptModel" [
+        testPropertyWithConfig { propertyConfig with maxTest = 25 } "GptModel: cached and uncached generation agree, also past the context"
+        <| Prop.forAll cacheCases (fun case ->
+            let config =
+                { Gpt.Model.GptConfig.gpt2Small with
+                    VocabSize = case.Vocabulary; ContextLength = case.Context; EmbeddingDim = case.Heads * case.HeadSize * 2
+                    Heads = case.Heads; Layers = case.Layers; QkvBias = case.Seed % 2 = 0; TiedHead = case.Seed % 3 <> 0 }
+            use model = new Gpt.Model.GptModel(config, int64 case.Seed)
+            model.eval () // ContextWindow is used directly below: without eval, dropout (0.1) would differ per call
+            let language = LanguageModel.ofGpt model
+            let random = Random case.Seed
+            let prompts = case.PromptLengths |> List.map (randomPrompt random case.Vocabulary)
+            let options = greedyOptions case.NewTokens
+            let cached = Generator.generate language options prompts
+            let uncached = Generator.generate language { options with UseKvCache = false } prompts
+            Expect.equal cached uncached "greedy completions with and without the cache"
+            let batch = [| for _ in 1 .. 2 -> randomPrompt random case.Vocabulary (List.head case.PromptLengths) |]
+            use withCache = new ContextWindow(language, batch, true)
+            use without = new ContextWindow(language, batch, false)
+            for step in 0 .. case.NewTokens do
+                use a = withCache.NextLogits()
+                use b = without.NextLogits()
+                let difference = (a - b).abs().max().item<float32> ()
+                Expect.isLessThan difference 1e-4f (sprintf "step %d (length %d, context %d)" step withCache.Length case.Context)
+                let next = [| for _ in 1 .. 2 -> random.Next case.Vocabulary |]
+                withCache.Append next
+                without.Append next)
+
+        testCase "the reference's greedy continuation, with and without the cache" <| fun () ->
+            use model = Gpt.Model.Pretrained.load (fixture "tiny-gpt2")
+            use reference = Gpt.Model.Safetensors.read (fixture "tiny-gpt2/reference.safetensors") |> fun m -> m["greedy_ids"]
+            let expected = reference.data<int64>().ToArray() |> Array.map int
+            let prompt = expected[.. 4]
+            for useCache in [ true; false ] do
+                let options = { greedyOptions (expected.Length - prompt.Length) with UseKvCache = useCache }
+                let completion = (Generator.generate (LanguageModel.ofGpt model) options [ prompt ])[0]
+                Expect.equal (Array.append prompt completion.Tokens) expected (sprintf "greedy ids (cache %b)" useCache)
+
+        testCase "GptModel: seeded sampling is the same with and without the cache; streaming equals the text" <| fun () ->
+            use model = Gpt.Model.Pretrained.load (fixture "tiny-gpt2")
+            let language = LanguageModel.ofGpt model
+            let options = { GenerationOptions.defaults with MaxNewTokens = 30; Temperature = 1.0; TopK = Some 500; Seed = Some 11L; EndOfTextId = None }
+            let gpt2 = Tokenizers.gpt2 ()
+            let text = Generator.generateText language gpt2 options "Hello, world"
+            Expect.equal (Generator.generateText language gpt2 { options with UseKvCache = false } "Hello, world") text "same sample without the cache"
+            Expect.equal (String.concat "" (Generator.streamText language gpt2 options "Hello, world")) text "stream pieces concatenate to the text"
+    ]
