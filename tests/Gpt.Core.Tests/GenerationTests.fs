@@ -208,6 +208,21 @@ let private cacheCases =
 
 let private randomPrompt (random: Random) (vocabulary: int) (length: int) = Array.init length (fun _ -> random.Next vocabulary)
 
+/// Teacher-forced: a cached and an uncached window follow the same random continuation of a batch of prompts; their
+/// logits agree within 1e-4 at every step, also after the window starts sliding.
+let private expectWindowsAgree (language: ILanguageModel) (batch: int[][]) (case: CacheCase) (random: Random) =
+    use withCache = new ContextWindow(language, batch, true)
+    use without = new ContextWindow(language, batch, false)
+    for step in 0 .. case.NewTokens do
+        use a = withCache.NextLogits()
+        use b = without.NextLogits()
+        Expect.equal a.shape [| int64 batch.Length; int64 case.Vocabulary |] "logits [B, V]"
+        let difference = (a - b).abs().max().item<float32> ()
+        Expect.isLessThan difference 1e-4f (sprintf "step %d (sequence length %d, context %d)" step withCache.Length case.Context)
+        let next = [| for _ in batch -> random.Next case.Vocabulary |]
+        withCache.Append next
+        without.Append next
+
 /// next token = token + 1 (mod 10); 9 is the end-of-text token.
 let private countingModel context = ScriptedModel(10, context, fun _ token -> (token + 1) % 10)
 
@@ -263,17 +278,7 @@ let generationTests =
             // Teacher-forced: both windows follow the same random continuation; compare logits at every step.
             let length = List.head case.PromptLengths
             let batch = [| for _ in 1 .. 2 -> randomPrompt random case.Vocabulary length |]
-            use withCache = new ContextWindow(language, batch, true)
-            use without = new ContextWindow(language, batch, false)
-            for step in 0 .. case.NewTokens do
-                use a = withCache.NextLogits()
-                use b = without.NextLogits()
-                Expect.equal a.shape [| 2L; int64 case.Vocabulary |] "logits [B, V]"
-                let difference = (a - b).abs().max().item<float32> ()
-                Expect.isLessThan difference 1e-4f (sprintf "step %d (sequence length %d, context %d)" step withCache.Length case.Context)
-                let next = [| for _ in 1 .. 2 -> random.Next case.Vocabulary |]
-                withCache.Append next
-                without.Append next)
+            expectWindowsAgree language batch case random)
 
         testCase "the cache feeds one token per step until the window is full, then the whole window" <| fun () ->
             let cached = countingModel 5
@@ -521,16 +526,7 @@ let gptModelTests =
             let uncached = Generator.generate language { options with UseKvCache = false } prompts
             Expect.equal cached uncached "greedy completions with and without the cache"
             let batch = [| for _ in 1 .. 2 -> randomPrompt random case.Vocabulary (List.head case.PromptLengths) |]
-            use withCache = new ContextWindow(language, batch, true)
-            use without = new ContextWindow(language, batch, false)
-            for step in 0 .. case.NewTokens do
-                use a = withCache.NextLogits()
-                use b = without.NextLogits()
-                let difference = (a - b).abs().max().item<float32> ()
-                Expect.isLessThan difference 1e-4f (sprintf "step %d (length %d, context %d)" step withCache.Length case.Context)
-                let next = [| for _ in 1 .. 2 -> random.Next case.Vocabulary |]
-                withCache.Append next
-                without.Append next)
+            expectWindowsAgree language batch case random)
 
         testCase "the reference's greedy continuation, with and without the cache" <| fun () ->
             use model = Gpt.Model.Pretrained.load (fixture "tiny-gpt2")
