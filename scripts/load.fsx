@@ -21,3 +21,10 @@ if System.OperatingSystem.IsLinux() then
     for lib in [ "libgomp-98b21ff3.so.1"; "libc10.so"; "libtorch_cpu.so"; "libtorch.so"; "libLibTorchSharp.so" ] do
         let path = System.IO.Path.Combine(native, lib)
         if System.IO.File.Exists path then System.Runtime.InteropServices.NativeLibrary.Load path |> ignore
+    // SkiaSharp (ScottPlot's renderer, for the loss plot) names its library "libSkiaSharp", but the file's soname is
+    // versioned, so a preloaded copy is not found by name: resolve it for SkiaSharp's assembly instead.
+    let skia = System.IO.Path.Combine(native, "libSkiaSharp.so")
+    System.Runtime.InteropServices.NativeLibrary.SetDllImportResolver(
+        typeof<SkiaSharp.SKTypeface>.Assembly,
+        System.Runtime.InteropServices.DllImportResolver(fun name _ _ ->
+            if name = "libSkiaSharp" then System.Runtime.InteropServices.NativeLibrary.Load skia else nativeint 0))

@@ -7,7 +7,22 @@ namespace Gpt.Cli;
 /// <summary>Options that choose a model shape: a preset and optional overrides.</summary>
 internal sealed class ConfigOptions
 {
-    public Option<string> Preset { get; } = new("--config") { Description = "Preset: gpt2-small (124M), gpt2-medium (355M), gpt2-large (774M), gpt2-xl (1558M).", DefaultValueFactory = _ => "gpt2-small" };
+    private readonly GptConfiguration? _defaultModel;
+
+    /// <summary>Options whose shape starts from gpt2-small, or from <paramref name="defaultModel"/> when --config is
+    /// not given (the overrides apply to it).</summary>
+    public ConfigOptions(GptConfiguration? defaultModel = null, string? defaultDescription = null)
+    {
+        _defaultModel = defaultModel;
+        Preset = new("--config")
+        {
+            Description = "Preset: gpt2-small (124M), gpt2-medium (355M), gpt2-large (774M), gpt2-xl (1558M)." +
+                          (defaultDescription is null ? "" : $" Default: {defaultDescription}."),
+        };
+        if (defaultModel is null) Preset.DefaultValueFactory = _ => "gpt2-small";
+    }
+
+    public Option<string?> Preset { get; }
     public Option<int?> VocabularySize { get; } = new("--vocab-size") { Description = "Override the vocabulary size." };
     public Option<int?> ContextLength { get; } = new("--context-length") { Description = "Override the context length (positions)." };
     public Option<int?> EmbeddingDim { get; } = new("--emb-dim") { Description = "Override the embedding dimension." };
@@ -19,13 +34,19 @@ internal sealed class ConfigOptions
 
     public void AddTo(Command command)
     {
-        foreach (var option in new Option[] { Preset, VocabularySize, ContextLength, EmbeddingDim, Heads, Layers, DropRate, QkvBias, TiedHead })
-            command.Add(option);
+        foreach (var option in All) command.Add(option);
     }
+
+    private IEnumerable<Option> All => new Option[] { Preset, VocabularySize, ContextLength, EmbeddingDim, Heads, Layers, DropRate, QkvBias, TiedHead };
+
+    /// <summary>The names of the options given on the command line (not defaults), those in <paramref name="except"/> left out.</summary>
+    public IReadOnlyList<string> Given(ParseResult parse, params Option[] except) =>
+        All.Where(o => !except.Contains(o) && parse.GetResult(o) is { Implicit: false }).Select(o => o.Name).ToList();
 
     public GptConfiguration Read(ParseResult parse)
     {
-        var c = GptConfiguration.FromPreset(parse.GetValue(Preset)!);
+        var preset = parse.GetValue(Preset);
+        var c = preset is null && _defaultModel is not null ? _defaultModel : GptConfiguration.FromPreset(preset ?? "gpt2-small");
         c = c with
         {
             VocabularySize = parse.GetValue(VocabularySize) ?? c.VocabularySize,

@@ -93,3 +93,90 @@ public class TokenizeCliTests
         Assert.Contains("bert", usage);
     }
 }
+
+public class TrainCliTests
+{
+    private static string[] Tiny(string output, params string[] more) =>
+    [
+        "train", "--layers", "1", "--emb-dim", "16", "--heads", "2", "--context-length", "16", "--batch-size", "2",
+        "--max-steps", "3", "--eval-interval", "2", "--eval-batches", "1", "--sample-tokens", "4", "--out", output, .. more,
+    ];
+
+    [Fact]
+    public void TrainWritesARunWhoseModelGenerateLoads()
+    {
+        using var folder = new TempFolder();
+        var (code, output, error) = Cli.Run(null, Tiny(folder.Path, "--name", "tiny"));
+        Assert.True(code == 0, error);
+        Assert.Contains("training", output);
+        Assert.Contains("step     3/3", output);
+        Assert.Contains("checkpoint:", output);
+        Assert.Contains("done after 3 steps", output);
+        var model = folder.Combine("tiny", "model");
+        Assert.Contains($"model: {model}", output);
+        foreach (var file in new[] { "metrics.jsonl", "loss.png", "checkpoints/step-00000003/checkpoint.json", "model/config.json" })
+            Assert.True(File.Exists(folder.Combine("tiny", file)), file);
+
+        var (generateCode, text, generateError) = Cli.Run(null, "generate", "--model", model, "--prompt", "Every effort", "--max-new-tokens", "3", "--no-eos");
+        Assert.True(generateCode == 0, generateError);
+        Assert.StartsWith("Every effort", text);
+
+        // --resume reuses the run's options; --max-steps extends it.
+        var (resumeCode, resumed, resumeError) = Cli.Run(null, "train", "--resume", folder.Combine("tiny"), "--max-steps", "4");
+        Assert.True(resumeCode == 0, resumeError);
+        Assert.Contains("resuming at step 3", resumed);
+        Assert.Contains("done after 4 steps", resumed);
+    }
+
+    [Fact]
+    public void JsonFormatWritesOneEventPerLine()
+    {
+        using var folder = new TempFolder();
+        var (code, output, error) = Cli.Run(null, Tiny(folder.Path, "--name", "json", "--format", "json"));
+        Assert.True(code == 0, error);
+        var events = output.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement).ToList();
+        Assert.Equal("started", events[0].GetProperty("event").GetString());
+        Assert.Equal([1, 2, 3], events.Where(e => e.GetProperty("event").GetString() == "step").Select(e => e.GetProperty("step").GetInt32()));
+        Assert.Contains(events, e => e.GetProperty("event").GetString() == "evaluation" && e.GetProperty("val_loss").GetDouble() > 0);
+        var finished = events[^1];
+        Assert.Equal("finished", finished.GetProperty("event").GetString());
+        Assert.Equal(3, finished.GetProperty("steps").GetInt32());
+        Assert.Equal(folder.Combine("json", "model"), finished.GetProperty("model").GetString());
+    }
+
+    [Fact]
+    public void BadOptionsAreClearErrorsWithExitCode1()
+    {
+        using var folder = new TempFolder();
+        void Fails(string expected, params string[] args)
+        {
+            var (code, _, error) = Cli.Run(null, args);
+            Assert.True(code == 1, $"exit code {code} for {string.Join(' ', args)}: {error}");
+            Assert.Contains(expected, error);
+            Assert.StartsWith("gpt: error:", error);
+        }
+        Fails("--data", Tiny(folder.Path, "--data", folder.Combine("missing.txt")));
+        var shortText = folder.Combine("short.txt");
+        File.WriteAllText(shortText, "Too short to train on.");
+        Fails("at least 161 are needed for context length 16", Tiny(folder.Path, "--data", shortText));
+        Directory.CreateDirectory(folder.Combine("empty"));
+        Fails("no complete checkpoint", "train", "--resume", folder.Combine("empty"));
+        Fails("--layers cannot change it", "train", "--resume", folder.Combine("empty"), "--layers", "2");
+        Fails("do not go together", "train", "--resume", folder.Combine("empty"), "--init-from", folder.Combine("empty"));
+        Fails("epochs must be positive", Tiny(folder.Path, "--epochs", "0"));
+        Fails("embedding dimension 16 is not divisible by 3 heads", "train", "--emb-dim", "16", "--heads", "3", "--out", folder.Path);
+        Fails("--init-from brings its own model", Tiny(folder.Path, "--init-from", folder.Combine("no-model")));
+        Fails("model directory", "train", "--init-from", folder.Combine("no-model"), "--out", folder.Path);
+    }
+
+    [Fact]
+    public void HelpNamesEveryOption()
+    {
+        var (code, help, _) = Cli.Run(null, "train", "--help");
+        Assert.Equal(0, code);
+        foreach (var option in new[] { "--data", "--config", "--context-length", "--emb-dim", "--heads", "--layers", "--drop-rate", "--qkv-bias",
+                     "--tied-head", "--batch-size", "--epochs", "--max-steps", "--lr", "--min-lr", "--warmup-steps", "--weight-decay", "--grad-clip",
+                     "--eval-interval", "--seed", "--out", "--resume", "--init-from", "--decay-all", "--grad-accumulation", "--keep-last", "--name", "--format" })
+            Assert.Contains(option, help);
+    }
+}

@@ -57,6 +57,8 @@ let tests =
         testCase "different epochs shuffle differently; no shuffle keeps the order" <| fun () ->
             let options = { Dataset.defaultLoader with BatchSize = 4 }
             Expect.notEqual (Dataset.batchIndices 100 options 0) (Dataset.batchIndices 100 options 1) "epochs differ"
+            // Pinned values: the order must not depend on the process (a resumed run continues in a new one).
+            Expect.equal (Dataset.batchIndices 8 { options with DropLast = false } 2) [| [| 0; 6; 3; 2 |]; [| 7; 5; 4; 1 |] |] "the same order in every process"
             Expect.equal (Dataset.batchIndices 10 { options with Shuffle = false; DropLast = false } 0) [| [| 0; 1; 2; 3 |]; [| 4; 5; 6; 7 |]; [| 8; 9 |] |] "in order"
 
         testCase "tensors of a batch" <| fun () ->

@@ -21,14 +21,11 @@ module Pretrained =
     let private configError (path: string) format =
         Printf.ksprintf (fun message -> raise (GptException(sprintf "config '%s': %s" path message))) format
 
-    /// Reads a Hugging Face GPT-2 config.json: n_embd, n_head, n_layer, n_positions (or n_ctx), vocab_size,
-    /// layer_norm_epsilon; resid_pdrop for dropout (default 0.1), tie_word_embeddings (default true) and our own
-    /// qkv_bias (default true: every released GPT-2 has it). Settings this model cannot honour are errors.
-    let readConfig (path: string) : GptConfig =
-        if not (File.Exists path) then Errors.fail "config '%s' does not exist" path
+    /// Parses the text of a Hugging Face GPT-2 config.json (see readConfig); `path` names it in error messages.
+    let parseConfig (path: string) (text: string) : GptConfig =
         use document =
             try
-                JsonDocument.Parse(File.ReadAllText path)
+                JsonDocument.Parse(text)
             with :? JsonException as e ->
                 configError path "not valid JSON (%s)" e.Message
         let root = document.RootElement
@@ -85,6 +82,13 @@ module Pretrained =
         with :? GptException as e ->
             configError path "%s" e.Message
         config
+
+    /// Reads a Hugging Face GPT-2 config.json: n_embd, n_head, n_layer, n_positions (or n_ctx), vocab_size,
+    /// layer_norm_epsilon; resid_pdrop for dropout (default 0.1), tie_word_embeddings (default true) and our own
+    /// qkv_bias (default true: every released GPT-2 has it). Settings this model cannot honour are errors.
+    let readConfig (path: string) : GptConfig =
+        if not (File.Exists path) then Errors.fail "config '%s' does not exist" path
+        parseConfig path (File.ReadAllText path)
 
     /// The config.json text for a configuration: the standard GPT-2 keys (so transformers can read it) plus
     /// tie_word_embeddings, the three dropout rates and our own qkv_bias, so an untied or bias-less model round-trips.

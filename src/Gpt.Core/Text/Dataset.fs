@@ -53,8 +53,11 @@ module Dataset =
         Errors.require (options.BatchSize > 0) "batch size must be positive, found %d" options.BatchSize
         let order = Array.init windowCount id
         if options.Shuffle then
-            // Fisher-Yates with a generator seeded from (seed, epoch): the same order on every machine.
-            let random = Random(HashCode.Combine(options.Seed, epoch) &&& 0x7fffffff)
+            // Fisher-Yates with a generator seeded from (seed, epoch): the same order on every machine and in every
+            // process. (Not HashCode.Combine: it is salted per process, so a run resumed in a new process would
+            // read its batches in another order.)
+            let mixed = (int64 options.Seed * 1_000_003L + int64 epoch) % 2_147_483_647L
+            let random = Random(int (abs mixed))
             for i in windowCount - 1 .. -1 .. 1 do
                 let j = random.Next(i + 1)
                 let t = order[i]

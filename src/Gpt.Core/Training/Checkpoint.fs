@@ -8,6 +8,7 @@ open System.Text
 open System.Text.Json
 open TorchSharp
 open Gpt
+open Gpt.Model
 
 /// Where a run stands, written into a checkpoint beside the model and optimizer tensors.
 type CheckpointState =
@@ -52,23 +53,13 @@ module Checkpoint =
     let optimizerFile = "optimizer.safetensors"
     let stateFile = "checkpoint.json"
 
-    /// Tensor file I/O kept behind two functions so that the project's own safetensors module can replace
-    /// TorchSharp.PyBridge's without touching the rest.
+    /// Tensor files are the project's own safetensors (Gpt.Model.Safetensors): the model's state_dict under its own
+    /// names (Linear layout, not the Hugging Face Conv1D one) and AdamW's moments.
     module private TensorFile =
-        let write (path: string) (tensors: (string * torch.Tensor) seq) =
-            let dictionary = Dictionary<string, torch.Tensor>()
-            for name, tensor in tensors do
-                dictionary[name] <- tensor
-            use stream = new FileStream(path, FileMode.CreateNew, FileAccess.Write)
-            TorchSharp.PyBridge.Safetensors.SaveStateDict(stream, dictionary, leaveOpen = true)
-            stream.Flush(true)
+        let write (path: string) (tensors: (string * torch.Tensor) seq) = Safetensors.write path tensors
 
         /// Name → tensor; the caller disposes the tensors.
-        let read (path: string) : Dictionary<string, torch.Tensor> =
-            try TorchSharp.PyBridge.Safetensors.LoadStateDict(path)
-            with
-            | :? GptException -> reraise ()
-            | e -> raise (GptException(sprintf "cannot read tensors from '%s': %s" path e.Message, e))
+        let read (path: string) : Map<string, torch.Tensor> = Safetensors.read path
 
     let private directoryName (step: int) = sprintf "step-%08d" step
 
@@ -276,13 +267,19 @@ module Checkpoint =
         |> Array.tryHead
         |> Option.map fst
 
-    /// A checkpoint directory from a path that is one, or a root of checkpoints (the latest is taken).
+    /// A checkpoint directory from a path that is one, a root of checkpoints, or a run's output directory (with a
+    /// `checkpoints` folder): in the last two, the latest complete checkpoint is taken.
     let resolve (path: string) : string =
+        if String.IsNullOrWhiteSpace path then Errors.fail "no checkpoint path given"
+        let runCheckpoints = Path.Combine(path, "checkpoints")
+        let root = if Directory.Exists runCheckpoints then runCheckpoints else path
         if File.Exists(Path.Combine(path, stateFile)) then path
-        elif Directory.Exists path then
-            match latest path with
+        elif Directory.Exists root then
+            match latest root with
             | Some directory -> directory
-            | None -> Errors.fail "no complete checkpoint in '%s' (expected %s or step-* directories holding one)" path stateFile
+            | None ->
+                Errors.fail "no complete checkpoint in '%s' (expected %s, step-* directories holding one, or a run directory with checkpoints/)"
+                    path stateFile
         else Errors.fail "checkpoint path '%s' does not exist" path
 
     // ---- save and load ----
@@ -360,3 +357,19 @@ module Checkpoint =
          try torch.random.set_rng_state rng
          with e -> raise (GptException(sprintf "checkpoint '%s': the torch RNG state cannot be restored: %s" directory e.Message, e)))
         document.State
+
+    /// Rebuilds the GPT model a checkpoint was trained with: its configuration from the checkpoint's
+    /// model_configuration (config.json keys, as Pretrained.configJson writes them), its weights from model.safetensors
+    /// (checked against the recorded SHA-256). `path` is anything `resolve` accepts. Returned in eval mode.
+    let loadGpt (path: string) : GptModel =
+        let directory = resolve path
+        let state = read directory
+        let config = Pretrained.parseConfig (Path.Combine(directory, stateFile) + " (model_configuration)") state.ModelConfiguration
+        let model = new GptModel(config, None, false) // every weight is overwritten by the checkpoint's
+        try
+            loadModel directory model
+            model.eval ()
+            model
+        with _ ->
+            model.Dispose()
+            reraise ()

@@ -8,6 +8,8 @@ open System.Threading
 open TorchSharp
 open Gpt
 open Gpt.Text
+open Gpt.Model
+open Gpt.Generation
 
 /// Everything that shapes a training run. Plain data: it is stored as JSON in every checkpoint.
 type TrainerOptions =
@@ -106,8 +108,17 @@ type TrainingData =
     { Train: int[]
       Validation: int[]
       Tokenizer: ITokenizer
-      /// The model's configuration as JSON, stored in checkpoints so the model can be rebuilt to resume.
+      /// The model's configuration as JSON, stored in checkpoints so the model can be rebuilt to resume: for a
+      /// GptModel, its config.json (Pretrained.configJson), which Checkpoint.loadGpt reads back.
       ModelConfiguration: string }
+
+[<RequireQualifiedAccess>]
+module TrainingData =
+    /// Training data for a GPT model: the token stream split by position (the first `trainRatio` for training, the
+    /// rest for validation, as the book does), the model's config.json as its configuration.
+    let forGpt (config: GptConfig) (tokenizer: ITokenizer) (trainRatio: float) (ids: int[]) : TrainingData =
+        let train, validation = Loss.split trainRatio ids
+        { Train = train; Validation = validation; Tokenizer = tokenizer; ModelConfiguration = Pretrained.configJson config }
 
 [<RequireQualifiedAccess>]
 module TrainerOptions =
@@ -171,11 +182,9 @@ module Trainer =
         finally
             model.train wasTraining
 
-    /// The book's greedy loop for any ids → logits model: crop to the last contextLength tokens, take the
-    /// argmax of the last position, append. Returns the prompt and its continuation as text.
-    let sample (model: Model) (tokenizer: ITokenizer) (contextLength: int) (prompt: string) (maxNewTokens: int) : string =
-        let ids = ResizeArray<int>(tokenizer.Encode prompt)
-        if ids.Count = 0 then Errors.fail "the sample prompt '%s' encodes to no tokens" prompt
+    /// The book's greedy loop for any ids → logits model: crop to the last contextLength tokens, take the argmax of
+    /// the last position, append.
+    let private greedyLoop (model: Model) (ids: ResizeArray<int>) (contextLength: int) (maxNewTokens: int) =
         let wasTraining = model.training
         model.eval ()
         try
@@ -187,9 +196,24 @@ module Trainer =
                 let input = torch.tensor(context).view(1L, int64 context.Length) // (1, T)
                 let logits = model.forward input // (1, T, V)
                 ids.Add(int (logits[0L, -1L].argmax().item<int64> ()))
-            tokenizer.Decode ids
         finally
             model.train wasTraining
+
+    /// Greedy continuation of a prompt, returned with the prompt as text. A GptModel goes through the KV-cached
+    /// Generator (which stops at the tokenizer's end-of-text token); any other ids → logits model through the book's
+    /// loop. Neither draws from torch's generator; the model's train/eval mode is restored.
+    let sample (model: Model) (tokenizer: ITokenizer) (contextLength: int) (prompt: string) (maxNewTokens: int) : string =
+        let ids = ResizeArray<int>(tokenizer.Encode prompt)
+        if ids.Count = 0 then Errors.fail "the sample prompt '%s' encodes to no tokens" prompt
+        match model with
+        | :? GptModel as gpt ->
+            let options =
+                { GenerationOptions.defaults with
+                    MaxNewTokens = maxNewTokens; Temperature = 0.0; Seed = Some 0L; EndOfTextId = tokenizer.EndOfTextId }
+            let completion = (Generator.generate (LanguageModel.ofGpt gpt) options [ ids.ToArray() ])[0]
+            ids.AddRange completion.Tokens
+        | _ -> greedyLoop model ids contextLength maxNewTokens
+        tokenizer.Decode ids
 
     /// Refuses to resume from a checkpoint whose data position would not carry over to this run.
     let private checkResumable (directory: string) (stored: CheckpointState) (options: TrainerOptions) (data: TrainingData)
@@ -221,6 +245,16 @@ module Trainer =
     let train (options: TrainerOptions) (model: Model) (data: TrainingData) (resumeFrom: string option)
               (onEvent: TrainingEvent -> unit) (cancellation: CancellationToken) : TrainingResult =
         TrainerOptions.validate options
+        match model with
+        | :? GptModel as gpt ->
+            let config = gpt.Config
+            Errors.require (options.ContextLength <= config.ContextLength)
+                "the training context length %d exceeds the model's context length %d" options.ContextLength config.ContextLength
+            Errors.require (data.Tokenizer.VocabularySize <= config.VocabSize)
+                "the tokenizer '%s' has %d tokens, more than the model's vocabulary of %d"
+                data.Tokenizer.Name data.Tokenizer.VocabularySize config.VocabSize
+        | _ -> ()
+        NativeMemory.retainFreedMemory () |> ignore
         let needed = options.ContextLength + 1
         Errors.require (data.Train.Length >= needed)
             "the training split has %d tokens, at least %d are needed for context length %d" data.Train.Length needed options.ContextLength
@@ -259,8 +293,7 @@ module Trainer =
         let resumed =
             resumeFrom
             |> Option.map (fun path ->
-                let runCheckpoints = Path.Combine(path, "checkpoints")
-                let directory = Checkpoint.resolve (if Directory.Exists runCheckpoints then runCheckpoints else path)
+                let directory = Checkpoint.resolve path
                 checkResumable directory (Checkpoint.read directory) options data fingerprint batchesPerEpoch
                 let state = Checkpoint.restore directory model optimizer
                 directory, state)
