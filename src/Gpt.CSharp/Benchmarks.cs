@@ -3,13 +3,27 @@ using Gpt.Bench;
 namespace Gpt;
 
 /// <summary>What a benchmark ran on.</summary>
-public sealed record MachineDescription(string Cpu, int LogicalCores, int TorchThreads, double MemoryGiB, string Os, string Runtime, string TorchSharp);
+/// <remarks><see cref="LoadAverage"/> is the 1-minute load average when the description was made: other processes
+/// competing for the cores make every figure slower.</remarks>
+public sealed record MachineDescription(string Cpu, int LogicalCores, int TorchThreads, double MemoryGiB, string Os, string Runtime, string TorchSharp,
+    double LoadAverage);
 
 /// <summary>The machine's ceilings: fp32 matrix-product speed through libtorch and memory bandwidth.</summary>
 public sealed record MachineBenchmark(double MatmulGflops, double BandwidthGbps, MachineDescription Machine);
 
 /// <summary>GPT-2 tokenizer encoding speed.</summary>
 public sealed record TokenizerBenchmark(double MegabytesPerSecond, double Megabytes, int Tokens, double Seconds);
+
+/// <summary>Median seconds of each part of a training step.</summary>
+public sealed record TrainStepBreakdown(double ZeroGradSeconds, double ForwardSeconds, double BackwardSeconds, double OptimizerSeconds);
+
+/// <summary>Training speed of a preset: tokens/s, model FLOPs utilisation against the matmul speed measured in the same
+/// process, peak memory, and where the time of a step goes.</summary>
+public sealed record TrainBenchmark(
+    string Preset, int BatchSize, int SequenceLength, long Parameters, long MatrixParameters, double FlopsPerToken,
+    double TokensPerSecond, double Mfu, double MatmulGflops, double PeakRssMb, double StepSeconds, IReadOnlyList<double> StepTimes,
+    TrainStepBreakdown Breakdown, double TensorsPerStep, double PageFaultsPerStep, int WarmupSteps, int TimedSteps,
+    double FirstLoss, double LastLoss);
 
 /// <summary>The benchmark suite (warm-up, then the median of several runs). Speed is measured here, never in tests.</summary>
 public static class Benchmarks
@@ -31,6 +45,20 @@ public static class Benchmarks
         return new TokenizerBenchmark(result.MbPerS, result.Megabytes, result.Tokens, result.Seconds);
     }
 
+    /// <summary>Trains a fresh model of preset <c>A</c> or <c>B</c>: <paramref name="warmupSteps"/> untimed steps, then
+    /// the median of <paramref name="steps"/> timed ones (forward, cross-entropy, backward, AdamW with weight decay).</summary>
+    /// <exception cref="GptException">Unknown preset or bad step counts.</exception>
+    public static TrainBenchmark Train(string preset, int warmupSteps = 2, int steps = 5, int seed = 123)
+    {
+        ArgumentNullException.ThrowIfNull(preset);
+        var r = TrainBench.run(TrainBench.preset(preset), warmupSteps, steps, seed);
+        var b = r.Breakdown;
+        return new TrainBenchmark(r.Preset, r.BatchSize, r.SequenceLength, r.Parameters, r.MatrixParameters, r.FlopsPerToken,
+            r.TokensPerSecond, r.Mfu, r.MatmulGflops, r.PeakRssMb, r.StepSeconds, r.StepTimes,
+            new TrainStepBreakdown(b.ZeroGrad, b.Forward, b.Backward, b.Optimizer),
+            r.TensorsPerStep, r.PageFaultsPerStep, r.WarmupSteps, r.TimedSteps, r.FirstLoss, r.LastLoss);
+    }
+
     internal static MachineDescription ToDescription(Measure.MachineInfo m) =>
-        new(m.Cpu, m.LogicalCores, m.TorchThreads, m.MemoryGiB, m.Os, m.Runtime, m.TorchSharp);
+        new(m.Cpu, m.LogicalCores, m.TorchThreads, m.MemoryGiB, m.Os, m.Runtime, m.TorchSharp, m.LoadAverage);
 }

@@ -16,7 +16,9 @@ module Measure =
           MemoryGiB: float
           Os: string
           Runtime: string
-          TorchSharp: string }
+          TorchSharp: string
+          /// The 1-minute load average when the description was made.
+          LoadAverage: float }
 
     let private cpuModel () =
         try
@@ -34,6 +36,13 @@ module Measure =
             |> Option.defaultValue nan
         with _ -> nan
 
+    /// The 1-minute load average (other processes competing for the cores); NaN where unknown.
+    let loadAverage () =
+        try
+            let fields = (File.ReadAllText "/proc/loadavg").Split ' '
+            Double.Parse(fields[0], Globalization.CultureInfo.InvariantCulture)
+        with _ -> nan
+
     let machine () =
         { Cpu = cpuModel ()
           LogicalCores = Environment.ProcessorCount
@@ -41,7 +50,8 @@ module Measure =
           MemoryGiB = Math.Round(memoryGiB (), 1)
           Os = Runtime.InteropServices.RuntimeInformation.OSDescription
           Runtime = Environment.Version.ToString()
-          TorchSharp = typeof<torch.Tensor>.Assembly.GetName().Version.ToString() }
+          TorchSharp = typeof<torch.Tensor>.Assembly.GetName().Version.ToString()
+          LoadAverage = loadAverage () }
 
     /// Peak resident set size of this process so far (VmHWM), in MB; current RSS when the peak is unknown.
     let peakRssMb () =
@@ -51,6 +61,21 @@ module Measure =
             |> Option.map (fun line -> float (line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0)
             |> Option.defaultWith (fun () -> float (Process.GetCurrentProcess().PeakWorkingSet64) / 1048576.0)
         with _ -> float (Process.GetCurrentProcess().PeakWorkingSet64) / 1048576.0
+
+    /// Starts a new peak for peakRssMb (Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS),
+    /// so that each part of a suite run in one process reports its own peak. Does nothing where that is refused.
+    let resetPeakRss () =
+        try File.WriteAllText("/proc/self/clear_refs", "5") with _ -> ()
+
+    /// Minor page faults of this process so far (field 10 of /proc/self/stat): each is a fresh page the kernel had
+    /// to map and zero; 0 where unknown.
+    let minorPageFaults () =
+        try
+            let stat = File.ReadAllText "/proc/self/stat"
+            // The command name (field 2) is in parentheses and may hold spaces: count fields after the last ')'.
+            let fields = stat.Substring(stat.LastIndexOf ')' + 2).Split ' '
+            int64 fields[7]
+        with _ -> 0L
 
     /// Current resident set size, in MB.
     let rssMb () =

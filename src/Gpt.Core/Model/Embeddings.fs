@@ -18,8 +18,11 @@ module TokenIds =
             Errors.fail "sequence length %d exceeds the model's context length %d" length contextLength
         if length = 0L || ids.shape[0] = 0L then
             Errors.fail "token ids are empty: shape %s" (Errors.shapeText ids.shape)
-        use lowest = ids.min().to_type(torch.int64)
-        use highest = ids.max().to_type(torch.int64)
+        // Every intermediate disposed: this runs outside any dispose scope for each generated token.
+        use minimum = ids.min()
+        use maximum = ids.max()
+        use lowest = minimum.to_type(torch.int64)
+        use highest = maximum.to_type(torch.int64)
         let low = lowest.item<int64> ()
         let high = highest.item<int64> ()
         if low < 0L || high >= int64 vocabSize then

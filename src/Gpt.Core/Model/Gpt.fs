@@ -136,26 +136,50 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
     /// Number of trainable parameters (each tensor once: a tied head adds nothing).
     member _.ParameterCount = this.parameters () |> Seq.sumBy (fun p -> p.numel ())
 
-    /// Final norm and head: x (B, T, C) -> logits (B, T, vocab).
-    member private _.Logits(x: torch.Tensor) =
-        use normalised = ln_f.forward x
-        if isNull lm_head then functional.linear(normalised, wte.weight) else lm_head.forward normalised
+    /// The output head's weight (vocab, C): the token embedding's when tied.
+    member private _.HeadWeight = if isNull lm_head then wte.weight else lm_head.weight
 
-    override this.forward(ids: torch.Tensor) =
+    /// Final norm and head: x (B, T, C) -> logits (B, T, vocab).
+    member private this.Logits(x: torch.Tensor) =
+        use normalised = ln_f.forward x
+        if isNull lm_head then functional.linear(normalised, this.HeadWeight) else lm_head.forward normalised
+
+    /// Embeddings, blocks and final norm: ids (B, T) -> the normalised last hidden states (B, T, C).
+    member private _.Hidden(ids: torch.Tensor) =
         TokenIds.check config.VocabSize config.ContextLength ids
         use scope = torch.NewDisposeScope()
         let positions = torch.arange(ids.shape[1], device = ids.device) // (T)
         let mutable x = drop.forward (wte.forward ids + wpe.forward positions) // (B, T, C)
         for block in h do
             x <- block.forward x
-        this.Logits(x).MoveToOuterDisposeScope() // (B, T, vocab)
+        ln_f.forward(x).MoveToOuterDisposeScope()
+
+    override this.forward(ids: torch.Tensor) =
+        use scope = torch.NewDisposeScope()
+        let normalised = this.Hidden ids // (B, T, C)
+        let logits = if isNull lm_head then functional.linear(normalised, this.HeadWeight) else lm_head.forward normalised
+        logits.MoveToOuterDisposeScope() // (B, T, vocab)
+
+    /// Mean next-token cross-entropy of the model's predictions for ids (B, T) against targets (B, T), equal to
+    /// cross_entropy(forward ids, targets) but with the head and the softmax fused chunk by chunk (HeadLoss): the
+    /// (B, T, vocab) logits are never materialised. Differentiable (call backward on the result).
+    member this.Loss(ids: torch.Tensor, targets: torch.Tensor) =
+        if targets.dim () <> 2L || ids.dim () <> 2L || targets.shape[0] <> ids.shape[0] || targets.shape[1] <> ids.shape[1] then
+            Errors.fail "targets must have the shape of the inputs %s, found %s" (Errors.shapeText ids.shape) (Errors.shapeText targets.shape)
+        use scope = torch.NewDisposeScope()
+        let hidden = this.Hidden ids // (B, T, C)
+        let flat = hidden.view(-1L, int64 config.EmbeddingDim) // (B*T, C)
+        let loss = HeadLoss.crossEntropy flat this.HeadWeight (targets.flatten().to_type(torch.int64)) // ()
+        loss.MoveToOuterDisposeScope()
 
     /// An empty key/value cache for batches of `batchSize` sequences, on the model's device and dtype.
     member _.CreateCache(batchSize: int) =
         Errors.require (batchSize > 0) "batch size must be positive, found %d" batchSize
         let headDim = int64 (config.EmbeddingDim / config.Heads)
         let shape = [| int64 batchSize; int64 config.Heads; int64 config.ContextLength; headDim |]
-        let buffer _ = torch.empty(shape, dtype = wte.weight.dtype, device = wte.weight.device)
+        // Each read of an Embedding's weight makes a new tensor handle: read it once and dispose it.
+        use weight = wte.weight
+        let buffer _ = torch.empty(shape, dtype = weight.dtype, device = weight.device)
         new KvCache(Array.init config.Layers buffer, Array.init config.Layers buffer, batchSize, config.ContextLength)
 
     /// Logits for new tokens that continue the sequences in the cache: ids (B, Tnew) take positions

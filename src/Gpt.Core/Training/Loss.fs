@@ -20,10 +20,14 @@ module Loss =
         use flatTargets = targets.flatten().to_type(torch.int64) // (B*T)
         torch.nn.functional.cross_entropy(flatLogits, flatTargets)
 
-    /// The loss of one batch through a model (ids → logits): the book's calc_loss_batch.
+    /// The loss of one batch through a model (ids → logits): the book's calc_loss_batch. A GptModel computes it
+    /// with its head fused into the loss (GptModel.Loss: same value, no [B, T, V] logits in memory).
     let batch (model: torch.nn.Module<torch.Tensor, torch.Tensor>) (inputs: torch.Tensor) (targets: torch.Tensor) =
-        use logits = model.forward inputs // (B, T, V)
-        crossEntropy logits targets
+        match model with
+        | :? Gpt.Model.GptModel as gpt -> gpt.Loss(inputs, targets)
+        | _ ->
+            use logits = model.forward inputs // (B, T, V)
+            crossEntropy logits targets
 
     /// exp(loss): the number of equally likely tokens the model hesitates between.
     let perplexity (loss: float) = Math.Exp loss

@@ -254,7 +254,7 @@ module Trainer =
                 "the tokenizer '%s' has %d tokens, more than the model's vocabulary of %d"
                 data.Tokenizer.Name data.Tokenizer.VocabularySize config.VocabSize
         | _ -> ()
-        NativeMemory.retainFreedMemory () |> ignore
+        NativeAllocator.reuseFreedMemory () |> ignore
         let needed = options.ContextLength + 1
         Errors.require (data.Train.Length >= needed)
             "the training split has %d tokens, at least %d are needed for context length %d" data.Train.Length needed options.ContextLength

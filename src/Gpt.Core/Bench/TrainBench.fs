@@ -1,0 +1,197 @@
+namespace Gpt.Bench
+
+open System
+open System.Diagnostics
+open TorchSharp
+open Gpt
+open Gpt.Model
+open Gpt.Text
+open Gpt.Training
+
+/// Training speed against the machine's own matmul ceiling: tokens/s, model FLOPs utilisation, peak memory and where
+/// the time of a step goes.
+[<RequireQualifiedAccess>]
+module TrainBench =
+    /// A model shape and the batch it trains on.
+    type Preset =
+        { Name: string
+          Config: GptConfig
+          BatchSize: int
+          SequenceLength: int }
+
+    /// Preset A: a small GPT with GPT-2's vocabulary (256 dims, 4 heads, 4 layers, context 256), no QKV bias, a
+    /// separate head, batches of 8 × 256 tokens. Its 50,257 × 256 head is 80% of its matrix parameters, so the head
+    /// and the softmax over the vocabulary dominate.
+    let presetA =
+        { Name = "A"
+          Config =
+            { VocabSize = 50257; ContextLength = 256; EmbeddingDim = 256; Heads = 4; Layers = 4; DropRate = 0.1
+              QkvBias = false; TiedHead = false; LayerNormEpsilon = 1e-5 }
+          BatchSize = 8
+          SequenceLength = 256 }
+
+    /// Preset B: gpt2-small without QKV bias and with a separate head (163M parameters), batches of 1 × 256 tokens.
+    let presetB =
+        { Name = "B"
+          Config = { GptConfig.gpt2Small with QkvBias = false; TiedHead = false }
+          BatchSize = 1
+          SequenceLength = 256 }
+
+    /// "A" or "B" (case-insensitive).
+    let preset (name: string) =
+        match (if isNull name then "" else name.Trim().ToUpperInvariant()) with
+        | "A" -> presetA
+        | "B" -> presetB
+        | _ -> Errors.fail "unknown training benchmark preset '%s': expected A or B" name
+
+    /// Parameters that take part in matrix products, the N of the 6·N FLOPs per token: per block the fused q|k|v
+    /// projection (3d²), the attention output projection (d²) and the feed-forward expansion and projection (4d² each),
+    /// plus the output head (vocab × d, whether tied or not). Biases, LayerNorms and the embedding tables are lookups
+    /// or element-wise work and are left out.
+    let matrixParameterCount (config: GptConfig) =
+        let d = int64 config.EmbeddingDim
+        int64 config.Layers * 12L * d * d + int64 config.VocabSize * d
+
+    /// Training FLOPs per token (PaLM's appendix B): 6·N for the forward and backward matrix products with the
+    /// weights, and 12·layers·T·d for attention's q·kᵀ and weights·v over a sequence of T tokens.
+    let flopsPerToken (config: GptConfig) (sequenceLength: int) =
+        6.0 * float (matrixParameterCount config)
+        + 12.0 * float config.Layers * float sequenceLength * float config.EmbeddingDim
+
+    /// Model FLOPs utilisation: the FLOP/s the model's own arithmetic needs at this throughput, as a fraction of
+    /// the matrix-product FLOP/s the machine reaches.
+    let mfu (config: GptConfig) (sequenceLength: int) (tokensPerSecond: float) (matmulGflops: float) =
+        tokensPerSecond * flopsPerToken config sequenceLength / (matmulGflops * 1e9)
+
+    /// Median seconds of each part of a training step.
+    type StepBreakdown =
+        { /// Optimizer.ZeroGrad.
+          ZeroGrad: float
+          /// Model forward and cross-entropy (for a GptModel: with the head's gradients, see HeadLoss).
+          Forward: float
+          Backward: float
+          /// AdamW step.
+          Optimizer: float }
+
+    type TrainResult =
+        { Preset: string
+          BatchSize: int
+          SequenceLength: int
+          Parameters: int64
+          MatrixParameters: int64
+          FlopsPerToken: float
+          TokensPerSecond: float
+          /// Model FLOPs utilisation against MatmulGflops.
+          Mfu: float
+          /// The best 1024³ fp32 matmul speed measured in this process, before and after the training steps.
+          MatmulGflops: float
+          /// Peak resident set size since the benchmark started (VmHWM; reset first where Linux allows it).
+          PeakRssMb: float
+          /// Median seconds per step.
+          StepSeconds: float
+          /// Every timed step, in seconds.
+          StepTimes: float[]
+          Breakdown: StepBreakdown
+          /// Tensor handles created per step: each is a .NET ↔ libtorch crossing (and an allocation of a wrapper).
+          TensorsPerStep: float
+          /// Minor page faults per step: fresh memory the allocator had to map (zero-filled by the kernel).
+          PageFaultsPerStep: float
+          WarmupSteps: int
+          TimedSteps: int
+          FirstLoss: float
+          LastLoss: float }
+
+    /// Token windows of the built-in story (GPT-2 BPE): `count` random windows of length + 1 tokens, seeded.
+    let storyBatches (seed: int) (batchSize: int) (length: int) (count: int) : (int64[] * int64[])[] =
+        let ids = Tokenizers.gpt2().Encode Corpus.builtIn.Value.Text
+        Errors.require (ids.Length > length + 1) "the built-in story has %d tokens, %d are needed" ids.Length (length + 1)
+        let random = Random(seed)
+        Array.init count (fun _ ->
+            let inputs = Array.zeroCreate<int64> (batchSize * length)
+            let targets = Array.zeroCreate<int64> (batchSize * length)
+            for row in 0 .. batchSize - 1 do
+                let start = random.Next(ids.Length - length - 1)
+                for t in 0 .. length - 1 do
+                    inputs[row * length + t] <- int64 ids[start + t]
+                    targets[row * length + t] <- int64 ids[start + t + 1]
+            inputs, targets)
+
+    let private tensorsCreated () =
+        let statistics = DisposeScopeManager.Statistics
+        statistics.CreatedInScopeCount + statistics.CreatedOutsideScopeCount
+
+    /// One training step as the trainer runs it (zero the gradients, forward, cross-entropy, backward, AdamW step),
+    /// timed part by part. Returns the loss and the seconds of each part.
+    let step (model: GptModel) (optimizer: NamedAdamW) (batchSize: int) (length: int) (inputs: int64[], targets: int64[]) =
+        use scope = torch.NewDisposeScope()
+        let shape = [| int64 batchSize; int64 length |]
+        let inputs = torch.tensor(inputs, ReadOnlySpan<int64> shape)
+        let targets = torch.tensor(targets, ReadOnlySpan<int64> shape)
+        let clock = Stopwatch.StartNew()
+        let lap () =
+            let seconds = clock.Elapsed.TotalSeconds
+            clock.Restart()
+            seconds
+        optimizer.ZeroGrad()
+        let zeroGrad = lap ()
+        // What the trainer runs: for a GptModel, the body and then the head fused with the cross-entropy.
+        let loss = Loss.batch model inputs targets
+        let forward = lap ()
+        loss.backward ()
+        let backward = lap ()
+        optimizer.Step()
+        let optimizerSeconds = lap ()
+        let value = float (loss.item<float32> ())
+        value,
+        { ZeroGrad = zeroGrad; Forward = forward; Backward = backward; Optimizer = optimizerSeconds }
+
+    /// Trains a fresh model of the preset (seeded) for `warmup` untimed and `steps` timed steps on built-in-story
+    /// tokens, with AdamW (the book's settings: lr 4e-4, weight decay 0.1 on the matrices).
+    let run (preset: Preset) (warmup: int) (steps: int) (seed: int) : TrainResult =
+        Errors.require (warmup >= 0) "warm-up steps must not be negative, found %d" warmup
+        Errors.require (steps > 0) "timed steps must be positive, found %d" steps
+        Measure.resetPeakRss ()
+        let matmulBefore = MachineBench.matmulGflops 1024 10
+        use model = new GptModel(preset.Config, int64 seed)
+        model.train ()
+        use optimizer = Optimizer.adamW Optimizer.defaults model
+        let batches = storyBatches seed preset.BatchSize preset.SequenceLength (warmup + steps)
+        let losses = ResizeArray<float>()
+        let run index = step model optimizer preset.BatchSize preset.SequenceLength batches[index]
+        for index in 0 .. warmup - 1 do
+            losses.Add(fst (run index))
+        let tensorsBefore = tensorsCreated ()
+        let faultsBefore = Measure.minorPageFaults ()
+        let timed = [| for index in warmup .. warmup + steps - 1 -> run index |]
+        let tensors = float (tensorsCreated () - tensorsBefore) / float steps
+        let faults = float (Measure.minorPageFaults () - faultsBefore) / float steps
+        losses.AddRange(Array.map fst timed)
+        let breakdowns = Array.map snd timed
+        let total (b: StepBreakdown) = b.ZeroGrad + b.Forward + b.Backward + b.Optimizer
+        let stepTimes = Array.map total breakdowns
+        let median (part: StepBreakdown -> float) = Measure.median (Array.map part breakdowns)
+        let peak = Measure.peakRssMb ()
+        let matmul = max matmulBefore (MachineBench.matmulGflops 1024 10)
+        let stepSeconds = Measure.median stepTimes
+        let tokensPerSecond = float (preset.BatchSize * preset.SequenceLength) / stepSeconds
+        { Preset = preset.Name
+          BatchSize = preset.BatchSize
+          SequenceLength = preset.SequenceLength
+          Parameters = model.ParameterCount
+          MatrixParameters = matrixParameterCount preset.Config
+          FlopsPerToken = flopsPerToken preset.Config preset.SequenceLength
+          TokensPerSecond = tokensPerSecond
+          Mfu = mfu preset.Config preset.SequenceLength tokensPerSecond matmul
+          MatmulGflops = matmul
+          PeakRssMb = peak
+          StepSeconds = stepSeconds
+          StepTimes = stepTimes
+          Breakdown =
+            { ZeroGrad = median _.ZeroGrad; Forward = median _.Forward
+              Backward = median _.Backward; Optimizer = median _.Optimizer }
+          TensorsPerStep = tensors
+          PageFaultsPerStep = faults
+          WarmupSteps = warmup
+          TimedSteps = steps
+          FirstLoss = losses[0]
+          LastLoss = losses[losses.Count - 1] }

@@ -1,0 +1,97 @@
+namespace Gpt.Model
+
+open System
+open System.Collections.Generic
+open TorchSharp
+open Gpt
+
+/// The output head and the next-token cross-entropy fused, a few rows at a time.
+///
+/// Why: the plain path materialises logits [B·T, vocab] and, for training, three more tensors of that size (the
+/// log-softmax kept for backward, the gradient of the loss with respect to it, the gradient of the logits). With
+/// GPT-2's 50,257-token vocabulary that is 411 MB each for a batch of 8 × 256, four times a step: fresh memory the
+/// kernel has to map and zero, which cost a third of a training step here. Fused, each chunk of rows goes through
+/// head → log-softmax → loss → softmax minus one-hot → both gradient products while its logits are still in cache,
+/// and the chunk buffers (at most 31 MB, below glibc's largest mmap threshold) are reused from one chunk to the next.
+/// The gradients are computed in the forward pass (the loss is the end of the graph, so backward only scales them
+/// by the incoming gradient): the same matrix products as the plain path, no recomputation.
+[<RequireQualifiedAccess>]
+module HeadLoss =
+    /// Largest logits chunk, in bytes: below 32 MB, the largest buffer glibc serves from its heap (NativeAllocator).
+    let chunkBytes = 31L * 1024L * 1024L
+
+    /// Rows per chunk for a vocabulary: as many as fit chunkBytes of float32 logits, spread evenly over the chunks.
+    let chunkRows (rows: int64) (vocabSize: int64) =
+        let most = max 1L (chunkBytes / (vocabSize * 4L))
+        let chunks = (rows + most - 1L) / most
+        (rows + chunks - 1L) / chunks
+
+    /// Mean cross-entropy of (hidden · weightᵀ) against targets, and, when asked, its gradients with respect to
+    /// hidden and weight. hidden (N, C), weight (V, C), targets (N) int64. Runs without autograd.
+    let compute (hidden: torch.Tensor) (weight: torch.Tensor) (targets: torch.Tensor) (gradients: bool) =
+        use _ = torch.no_grad ()
+        let rows = hidden.shape[0]
+        let vocab = weight.shape[0]
+        let chunk = chunkRows rows vocab
+        let scale = float32 (1.0 / float rows)
+        let gradHidden = if gradients then torch.empty_like hidden else null
+        let gradWeight = if gradients then torch.empty_like weight else null
+        let mutable lossSum = 0.0
+        let mutable start = 0L
+        while start < rows do
+            use scope = torch.NewDisposeScope()
+            let count = min chunk (rows - start)
+            let h = hidden.narrow(0L, start, count) // (R, C)
+            let t = targets.narrow(0L, start, count).unsqueeze(1L) // (R, 1)
+            let logProbabilities = h.mm(weight.t()).log_softmax(1L) // (R, V)
+            lossSum <- lossSum - float (logProbabilities.gather(1L, t).sum().item<float32> ())
+            if gradients then
+                // d loss / d logits = (softmax - one_hot(target)) / N
+                let probabilities = logProbabilities.exp_ () // (R, V), in place
+                let minusOne = torch.ones([| count; 1L |], dtype = probabilities.dtype).neg_ ()
+                probabilities.scatter_add_(1L, t, minusOne) |> ignore
+                gradHidden.narrow(0L, start, count).addmm_(probabilities, weight, beta = 0.0f, alpha = scale) |> ignore
+                // The first chunk overwrites the uninitialised buffer (beta 0 ignores it), later chunks add.
+                gradWeight.addmm_(probabilities.t(), h, beta = (if start = 0L then 0.0f else 1.0f), alpha = scale) |> ignore
+            start <- start + count
+        lossSum / float rows, gradHidden, gradWeight
+
+    /// The loss as a 0-dimensional tensor of the hidden states' type.
+    let private scalar (dtype: torch.ScalarType) (value: float) =
+        use single = torch.tensor(float32 value)
+        single.to_type(dtype)
+
+    /// The autograd node: forward returns the loss and keeps the two gradients, backward scales them.
+    type private Function() =
+        inherit torch.autograd.SingleTensorFunction<Function>()
+        override _.Name = "FusedHeadCrossEntropy"
+
+        override _.forward(context, inputs) =
+            let hidden = inputs[0] :?> torch.Tensor
+            let weight = inputs[1] :?> torch.Tensor
+            let targets = inputs[2] :?> torch.Tensor
+            let loss, gradHidden, gradWeight = compute hidden weight targets true
+            context.save_for_backward(List [ gradHidden; gradWeight ])
+            scalar hidden.dtype loss
+
+        override _.backward(context, gradOutput) =
+            let saved = context.get_saved_variables ()
+            let scale = gradOutput.item<float32> ()
+            // A loss that is not scaled (the usual case) passes the gradients on as they are: no copy.
+            let scaled (gradient: torch.Tensor) = if scale = 1.0f then gradient else gradient.mul(gradOutput)
+            List [ scaled saved[0]; scaled saved[1]; null ]
+
+    /// Mean next-token cross-entropy of the logits hidden · weightᵀ against targets, without materialising the
+    /// logits. hidden (N, C) float, weight (V, C) (the head's, or the tied token embedding), targets (N) int64 ->
+    /// a scalar. Differentiable with respect to hidden and weight when autograd is on and either needs a gradient.
+    let crossEntropy (hidden: torch.Tensor) (weight: torch.Tensor) (targets: torch.Tensor) : torch.Tensor =
+        if hidden.dim () <> 2L || weight.dim () <> 2L || hidden.shape[1] <> weight.shape[1] then
+            Errors.fail "fused head loss: hidden states %s and head weight %s do not fit (expected [N, C] and [vocab, C])"
+                (Errors.shapeText hidden.shape) (Errors.shapeText weight.shape)
+        if targets.dim () <> 1L || targets.shape[0] <> hidden.shape[0] then
+            Errors.fail "fused head loss: targets must have shape [%d], found %s" hidden.shape[0] (Errors.shapeText targets.shape)
+        if torch.is_grad_enabled () && (hidden.requires_grad || weight.requires_grad) then
+            torch.autograd.SingleTensorFunction<Function>.apply(hidden, weight, targets)
+        else
+            let loss, _, _ = compute hidden weight targets false
+            scalar hidden.dtype loss

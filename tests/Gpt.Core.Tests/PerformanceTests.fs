@@ -1,0 +1,179 @@
+/// Correctness of what the speed work changed or added: the FLOP count behind MFU, the fused head + cross-entropy,
+/// the sliced AdamW step, and tensors that must not outlive their use (KV cache, training step). No timings.
+module Gpt.Tests.PerformanceTests
+
+open Expecto
+open TorchSharp
+open Gpt
+open Gpt.Bench
+open Gpt.Model
+open Gpt.Training
+open Gpt.Tests.ModelTestUtil
+
+let private liveTensors () = DisposeScopeManager.Statistics.ThreadTotalLiveCount
+
+/// Parameters of a built model that enter matrix products: every Linear weight, plus the token embedding when it
+/// doubles as the head.
+let private countedMatrixParameters (model: GptModel) =
+    let linear =
+        model.named_modules ()
+        |> Seq.sumBy (fun struct (_, m) ->
+            match m with
+            | :? Modules.Linear as l -> l.weight.numel ()
+            | _ -> 0L)
+    let tied = if model.Config.TiedHead then int64 model.Config.VocabSize * int64 model.Config.EmbeddingDim else 0L
+    linear + tied
+
+[<Tests>]
+let flopTests =
+    testList "bench FLOP count" [
+        testCase "presets A and B: parameters and matrix parameters" <| fun () ->
+            let a, b = TrainBench.presetA, TrainBench.presetB
+            // A: 4 blocks of 12·256² = 3,145,728, head 50,257·256 = 12,865,792.
+            Expect.equal (TrainBench.matrixParameterCount a.Config) 16_011_520L "A matrix parameters"
+            // B: 12 blocks of 12·768² = 84,934,656, head 50,257·768 = 38,597,376.
+            Expect.equal (TrainBench.matrixParameterCount b.Config) 123_532_032L "B matrix parameters"
+            Expect.equal (GptConfig.parameterCount a.Config) 28_953_600L "A parameters"
+            Expect.equal (GptConfig.parameterCount b.Config) 163_009_536L "B parameters (gpt2-small, no QKV bias, separate head: 163M)"
+            Expect.equal (a.BatchSize, a.SequenceLength, b.BatchSize, b.SequenceLength) (8, 256, 1, 256) "batches"
+
+        testCase "FLOPs per token = 6N + 12·layers·T·d, and MFU" <| fun () ->
+            Expect.equal (TrainBench.flopsPerToken TrainBench.presetA.Config 256) (6.0 * 16_011_520.0 + 12.0 * 4.0 * 256.0 * 256.0) "A"
+            Expect.equal (TrainBench.flopsPerToken TrainBench.presetB.Config 256) 769_503_744.0 "B"
+            // 1,000 tokens/s of A need 99.2 GFLOP/s: half of a 198.4 GFLOP/s machine.
+            Expect.floatClose Accuracy.high (TrainBench.mfu TrainBench.presetA.Config 256 1000.0 198.429696) 0.5 "MFU"
+
+        testCase "the formula counts the Linear weights and the head of a built model" <| fun () ->
+            for config in [ tinyConfig; { tinyConfig with TiedHead = false; QkvBias = false; Layers = 3 } ] do
+                use model = new GptModel(config, 1L)
+                Expect.equal (TrainBench.matrixParameterCount config) (countedMatrixParameters model) (sprintf "tied %b" config.TiedHead)
+                Expect.equal (GptConfig.parameterCount config) model.ParameterCount "all parameters"
+
+        testCase "unknown presets are refused" <| fun () ->
+            TestUtil.throwsGpt [ "unknown training benchmark preset 'C'"; "A or B" ] (fun () -> TrainBench.preset "C" |> ignore) "C"
+            Expect.equal (TrainBench.preset " b ").Name "B" "case and spaces"
+    ]
+
+/// Gradients of every parameter by name (cloned).
+let private gradients (model: GptModel) =
+    [ for struct (name, p) in model.named_parameters () do
+          use grad = p.grad
+          if not (isNull grad) then name, grad.clone () ]
+
+[<Tests>]
+let headLossTests =
+    testList "fused head loss" [
+        testCase "GptModel.Loss equals cross-entropy of the logits, value and gradients (tied and separate head)" <| fun () ->
+            for config in [ tinyConfig; { tinyConfig with TiedHead = false } ] do
+                use plain = new GptModel(config, 7L)
+                use fused = new GptModel(config, 7L)
+                use ids = randomIds 1 config.VocabSize 3 10
+                use targets = randomIds 2 config.VocabSize 3 10
+                use logits = plain.forward ids
+                use expected = Loss.crossEntropy logits targets
+                expected.backward ()
+                use loss = fused.Loss(ids, targets)
+                loss.backward ()
+                expectClose 1e-5 loss expected (sprintf "loss, tied %b" config.TiedHead)
+                let expectedGradients = gradients plain
+                let actualGradients = gradients fused
+                Expect.equal (List.map fst actualGradients) (List.map fst expectedGradients) "the same parameters get gradients"
+                for (name, actual), (_, wanted) in List.zip actualGradients expectedGradients do
+                    expectClose 1e-5 actual wanted (sprintf "gradient of %s, tied %b" name config.TiedHead)
+
+        testCase "several chunks over GPT-2's vocabulary: value, gradients, scaled backward, no-grad path" <| fun () ->
+            let rows, dim, vocab = 400L, 8L, 50257L
+            Expect.isGreaterThan ((rows + HeadLoss.chunkRows rows vocab - 1L) / HeadLoss.chunkRows rows vocab) 1L "more than one chunk"
+            use hidden = (randn 3 [ rows; dim ]).requires_grad_ true
+            use weight = (randn 4 [ vocab; dim ] * 0.5).requires_grad_ true
+            use targets = torch.randint(vocab, [| rows |], dtype = torch.int64, generator = generator 5)
+            use reference = torch.nn.functional.cross_entropy(hidden.mm(weight.t()), targets)
+            let referenceGradients = torch.autograd.grad([| reference |], [| hidden; weight |])
+            use referenceHidden = referenceGradients[0]
+            use referenceWeight = referenceGradients[1]
+            use loss = HeadLoss.crossEntropy hidden weight targets
+            expectClose 1e-5 loss reference "loss"
+            use half = loss * 0.5 // as gradient accumulation scales a loss
+            half.backward ()
+            use gradHidden = hidden.grad
+            use gradWeight = weight.grad
+            expectClose 1e-6 (gradHidden * 2.0) referenceHidden "hidden gradient"
+            expectClose 1e-6 (gradWeight * 2.0) referenceWeight "weight gradient"
+            use _ = torch.no_grad ()
+            use evaluated = HeadLoss.crossEntropy hidden weight targets
+            Expect.isFalse evaluated.requires_grad "no graph under no_grad"
+            expectClose 1e-5 evaluated reference "no-grad value"
+
+        testCase "Loss.batch takes the fused path for a GptModel; shape errors are clear" <| fun () ->
+            use model = new GptModel(tinyConfig, 3L)
+            model.eval ()
+            use ids = randomIds 6 97 2 5
+            use targets = randomIds 7 97 2 5
+            use batch = Loss.batch model ids targets
+            use logits = model.forward ids
+            use expected = Loss.crossEntropy logits targets
+            expectClose 1e-5 batch expected "Loss.batch"
+            TestUtil.throwsGpt [ "targets must have the shape of the inputs [2, 5], found [2, 4]" ]
+                (fun () -> model.Loss(ids, targets.narrow(1L, 0L, 4L)) |> ignore) "shape"
+    ]
+
+[<Tests>]
+let optimizerTests =
+    testList "sliced AdamW" [
+        testCase "NamedAdamW.Step gives TorchSharp's AdamW results to the bit, also for parameters above one slice" <| fun () ->
+            // wte is 4,500 × 256 = 1,152,000 values: more than one slice of NamedAdamW.SliceElements.
+            let config = { tinyConfig with VocabSize = 4500; EmbeddingDim = 256; Layers = 1 }
+            Expect.isGreaterThan (4500L * 256L) NamedAdamW.SliceElements "a parameter spans two slices"
+            use sliced = new GptModel(config, 11L)
+            use reference = new GptModel(config, 11L)
+            use slicedOptimizer = Optimizer.adamW Optimizer.defaults sliced
+            use referenceOptimizer = Optimizer.adamW Optimizer.defaults reference
+            for step in 1 .. 3 do
+                for model, optimizer in [ sliced, slicedOptimizer; reference, referenceOptimizer ] do
+                    use scope = torch.NewDisposeScope()
+                    optimizer.ZeroGrad()
+                    let loss = model.Loss(randomIds step 4500 2 8, randomIds (step + 10) 4500 2 8)
+                    loss.backward ()
+                slicedOptimizer.Step()
+                referenceOptimizer.AdamW.step () |> ignore // TorchSharp's own step
+                for struct (name, p) in sliced.named_parameters () do
+                    expectEqual p (reference.state_dict().[name]) (sprintf "step %d: %s" step name)
+            let steps = Optimizer.stepCounts slicedOptimizer |> Array.map snd |> Array.distinct
+            Expect.equal steps [| 3L |] "step counts"
+    ]
+
+[<Tests>]
+let leakTests =
+    testList "no leaked tensors" [
+        // GptModel.CreateCache read wte.weight (a new handle each time) twice per buffer and never disposed them: 8 live
+        // tensors per cache of a 2-layer model; TokenIds.check left ids.min() and ids.max() alive at each forward.
+        testCase "CreateCache, cached forward and dispose leave no live tensor behind" <| fun () ->
+            use model = new GptModel(tinyConfig, 5L)
+            model.eval ()
+            use ids = randomIds 8 97 2 4
+            let before = liveTensors ()
+            for _ in 1 .. 3 do
+                use cache = model.CreateCache 2
+                use logits = model.ForwardCached(ids, cache)
+                use first = ids.narrow(1L, 0L, 1L)
+                use next = model.ForwardCached(first, cache)
+                ()
+            Expect.equal (liveTensors ()) before "live tensors after three caches"
+
+        testCase "a training step through the fused loss and the sliced optimizer leaves no live tensor behind" <| fun () ->
+            use model = new GptModel({ tinyConfig with DropRate = 0.1; TiedHead = false }, 6L)
+            use optimizer = Optimizer.adamW Optimizer.defaults model
+            use ids = randomIds 9 97 2 6
+            use targets = randomIds 10 97 2 6
+            let step () =
+                use scope = torch.NewDisposeScope()
+                optimizer.ZeroGrad()
+                let loss = Loss.batch model ids targets
+                loss.backward ()
+                optimizer.Step()
+            step () // the first step creates the gradients and the optimizer state
+            let before = liveTensors ()
+            for _ in 1 .. 3 do
+                step ()
+            Expect.equal (liveTensors ()) before "live tensors after three more steps"
+    ]
