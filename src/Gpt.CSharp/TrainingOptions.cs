@@ -8,7 +8,7 @@ namespace Gpt;
 
 /// <summary>
 /// Everything that shapes a pretraining run: the data, the model, the optimisation, evaluation and output. The
-/// defaults train <see cref="DefaultModel"/> (4 layers, 256 dimensions, context 128) on the built-in story for 30
+/// defaults train <see cref="DefaultModel"/> (4 layers, 256 dimensions, context 128) on the built-in story for 20
 /// epochs, a few minutes on two CPU cores; every <c>gpt train</c> option has a property here.
 /// </summary>
 /// <remarks>Text is encoded with GPT-2's tokenizer, so the model's vocabulary must hold its 50,257 tokens.</remarks>
@@ -71,7 +71,7 @@ public sealed record TrainingOptions
     public int BatchSize { get; init; } = 4;
 
     /// <summary>Passes over the training text.</summary>
-    public int Epochs { get; init; } = 30;
+    public int Epochs { get; init; } = 20;
 
     /// <summary>Stop after this many optimizer steps even if epochs remain (null: no limit).</summary>
     public int? MaxSteps { get; init; }

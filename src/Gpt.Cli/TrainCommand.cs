@@ -111,6 +111,14 @@ internal static class TrainCommand
             cancellation.Cancel();
         }
         Console.CancelKeyPress += OnCancelKey;
+        // A polite kill (SIGTERM, as CI runners and container stops send) also stops after the step with a checkpoint.
+        using var terminate = OperatingSystem.IsWindows() ? null : System.Runtime.InteropServices.PosixSignalRegistration.Create(
+            System.Runtime.InteropServices.PosixSignal.SIGTERM, signal =>
+            {
+                if (cancellation.IsCancellationRequested) return;
+                signal.Cancel = true;
+                cancellation.Cancel();
+            });
         try
         {
             IDisplay display = json ? new JsonDisplay(context.Output)
