@@ -22,12 +22,13 @@ public sealed record TrainingOptions
         ContextLength = 128, EmbeddingDim = 256, Heads = 4, Layers = 4, DropRate = 0.1, QkvBias = false,
     };
 
-    /// <summary>The book's chapter 5 run: gpt2-small with 256 positions, no QKV bias, dropout 0.1; AdamW with a
+    /// <summary>The book's chapter 5 run: gpt2-small with 256 positions, no QKV bias, dropout 0.1 and a separate output
+    /// head (the book's GPTModel does not tie it: 162M parameters); AdamW with a
     /// constant learning rate of 4e-4 and weight decay 0.1 on every parameter; batch 2; 10 epochs; evaluation every 5
     /// steps on 5 batches; no warmup, no clipping; seed 123; the sample "Every effort moves you" at every epoch end.</summary>
     public static TrainingOptions Book { get; } = new()
     {
-        Model = GptConfiguration.Gpt2Small with { ContextLength = 256, QkvBias = false, DropRate = 0.1 },
+        Model = GptConfiguration.Gpt2Small with { ContextLength = 256, QkvBias = false, DropRate = 0.1, TiedHead = false },
         BatchSize = 2, Epochs = 10, LearningRate = 4e-4, MinLearningRate = 4e-4, WarmupSteps = 0, WeightDecay = 0.1,
         DecayAll = true, GradientClip = null, EvalInterval = 5, EvalBatches = 5, SampleTokens = 50, Seed = 123,
     };
