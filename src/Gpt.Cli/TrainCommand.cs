@@ -111,14 +111,32 @@ internal static class TrainCommand
             cancellation.Cancel();
         }
         Console.CancelKeyPress += OnCancelKey;
+        // A polite kill (SIGTERM, as CI runners and container stops send) also stops after the step with a checkpoint.
+        using var terminate = OperatingSystem.IsWindows() ? null : System.Runtime.InteropServices.PosixSignalRegistration.Create(
+            System.Runtime.InteropServices.PosixSignal.SIGTERM, signal =>
+            {
+                if (cancellation.IsCancellationRequested) return;
+                signal.Cancel = true;
+                cancellation.Cancel();
+            });
         try
         {
             IDisplay display = json ? new JsonDisplay(context.Output)
                 : IsInteractive(context) ? new LiveDisplay(cancellation.Token)
                 : new PlainDisplay(context.Output);
-            var training = Trainer.TrainAsync(options, display, cancellation.Token);
-            display.Run(training);
-            var result = training.GetAwaiter().GetResult();
+            // The training runs here, on the process's main thread (glibc's main heap: a fraction of the page faults a
+            // thread of its own would cost, see Trainer.Train); the display, when it has a loop, on another.
+            var displaying = Task.Factory.StartNew(display.Run, TaskCreationOptions.LongRunning);
+            TrainingResult result;
+            try
+            {
+                result = Trainer.Train(options, display, cancellation.Token);
+            }
+            finally
+            {
+                display.Complete();
+                displaying.Wait();
+            }
             display.Finished(result);
             if (!result.Cancelled) return 0;
             context.Error.WriteLine($"gpt: cancelled at step {result.Steps} of {result.TotalSteps}; " +
@@ -142,8 +160,10 @@ internal static class TrainCommand
 
     private interface IDisplay : IProgress<TrainingProgress>
     {
-        /// <summary>Runs on the command's thread until the training task completes.</summary>
-        void Run(Task training);
+        /// <summary>Runs on a thread of its own until <see cref="Complete"/>.</summary>
+        void Run();
+        /// <summary>The training is over (finished, cancelled or failed).</summary>
+        void Complete();
         void Finished(TrainingResult result);
     }
 
@@ -202,7 +222,9 @@ internal static class TrainCommand
             }
         }
 
-        public void Run(Task training) => training.ContinueWith(_ => { }).Wait();
+        public void Run() { }
+
+        public void Complete() { }
 
         public void Finished(TrainingResult result)
         {
@@ -245,7 +267,9 @@ internal static class TrainCommand
 
         private static JsonNode? Number(double? value) => value is { } v && double.IsFinite(v) ? JsonValue.Create(v) : null;
 
-        public void Run(Task training) => training.ContinueWith(_ => { }).Wait();
+        public void Run() { }
+
+        public void Complete() { }
 
         public void Finished(TrainingResult r) => output.WriteLine(new JsonObject
         {
@@ -289,15 +313,19 @@ internal static class TrainCommand
             }
         }
 
-        public void Run(Task training)
+        private readonly ManualResetEventSlim _done = new();
+
+        public void Run()
         {
             _console.Live(View()).AutoClear(false).Overflow(VerticalOverflow.Ellipsis).Start(live =>
             {
-                while (!training.Wait(250))
+                while (!_done.Wait(250))
                     live.UpdateTarget(View());
                 live.UpdateTarget(View());
             });
         }
+
+        public void Complete() => _done.Set();
 
         private IRenderable View()
         {

@@ -13,6 +13,7 @@ module NativeAllocator =
     // glibc's malloc.h
     let private trimThreshold = -1
     let private mmapThreshold = -3
+    let private mmapMax = -4
 
     /// Largest tensor buffer (32 MB, glibc's upper limit) served from the heap instead of a fresh mapping.
     let mmapThresholdBytes = 32 * 1024 * 1024
@@ -31,7 +32,12 @@ module NativeAllocator =
     let reuseFreedMemory () : bool =
         if not (OperatingSystem.IsLinux()) then false
         else
-            try Libc.mallopt(mmapThreshold, mmapThresholdBytes) = 1 && Libc.mallopt(trimThreshold, trimThresholdBytes) = 1
+            // No fresh mappings at all: even the logits of a training step ([B, T, 50257] floats, over glibc's 32 MB
+            // limit for the threshold) then come from the reusable heap.
+            try
+                Libc.mallopt(mmapThreshold, mmapThresholdBytes) = 1
+                && Libc.mallopt(mmapMax, 0) = 1
+                && Libc.mallopt(trimThreshold, trimThresholdBytes) = 1
             with
             | :? DllNotFoundException
             | :? EntryPointNotFoundException -> false

@@ -135,6 +135,19 @@ public class TrainerFacadeTests
     }
 
     [Fact]
+    public void PresetsMatchTheBookAndTheDefaultRun()
+    {
+        var book = TrainingOptions.Book;
+        Assert.Equal(162_419_712, book.Model.ParameterCount); // the book's 163,009,536 at 1,024 positions, less 768 x 768
+        Assert.Equal((2, 10, 4e-4, 4e-4, 0, 0.1, true, (double?)null), (book.BatchSize, book.Epochs, book.LearningRate, book.MinLearningRate, book.WarmupSteps, book.WeightDecay, book.DecayAll, book.GradientClip));
+        Assert.Equal(16_055_040, TrainingOptions.DefaultModel.ParameterCount);
+        var defaults = new TrainingOptions();
+        Assert.Equal(TrainingOptions.DefaultModel, defaults.Model);
+        Assert.Null(defaults.Data);
+        Assert.Equal("runs", defaults.OutputDirectory);
+    }
+
+    [Fact]
     public void TokensNeededGivesBothSplitsOneWindow()
     {
         Assert.Equal(161, Trainer.TokensNeeded(16, 0.9)); // 144 + 17

@@ -377,6 +377,8 @@ module Trainer =
                 // The step itself: forward, backward over the accumulated batches, clip, update.
                 let trainLoss, gradientNorm =
                     use scope = torch.NewDisposeScope()
+                    // Gradients on even when the caller runs us under no_grad (a script, a notebook).
+                    use _ = torch.enable_grad ()
                     optimizer.LearningRate <- learningRate
                     optimizer.ZeroGrad()
                     let mutable lossSum = 0.0
