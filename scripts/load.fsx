@@ -17,6 +17,8 @@ if System.OperatingSystem.IsLinux() then
     let libTorchSharp = System.IO.Path.Combine(native, "libLibTorchSharp.so")
     if not (System.IO.File.Exists libTorchSharp) then
         failwithf "%s is missing: build first with 'dotnet build src/Gpt.Cli'" libTorchSharp
+    // OpenMP threads that wait without spinning (it reads the setting when libtorch loads, just below).
+    Gpt.NativeThreads.preferPassiveWaiting () |> ignore
     // libtorch first (the patched wrapper depends on it), then the wrapper: later lookups by name find them loaded.
     for lib in [ "libgomp-98b21ff3.so.1"; "libc10.so"; "libtorch_cpu.so"; "libtorch.so"; "libLibTorchSharp.so" ] do
         let path = System.IO.Path.Combine(native, lib)

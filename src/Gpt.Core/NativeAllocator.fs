@@ -14,6 +14,7 @@ module NativeAllocator =
     let private trimThreshold = -1
     let private mmapThreshold = -3
     let private mmapMax = -4
+    let private arenaMax = -8
 
     /// Largest tensor buffer (32 MB, glibc's upper limit) served from the heap instead of a fresh mapping.
     let mmapThresholdBytes = 32 * 1024 * 1024
@@ -21,7 +22,8 @@ module NativeAllocator =
     /// Free memory at the top of the heap kept for reuse (1 GB) instead of being given back at once.
     let trimThresholdBytes = 1024 * 1024 * 1024
 
-    /// Makes glibc keep and reuse freed tensor memory: buffers up to 32 MB come from the heap, and up to 1 GB of freed
+    /// Makes glibc keep and reuse freed tensor memory: every buffer comes from one heap (no fresh mappings, no new
+    /// arenas), and up to 1 GB of freed
     /// heap stays mapped. Why: by default glibc maps every buffer above a threshold (128 KB at first, adjusted up to
     /// 32 MB) afresh and unmaps it on free, and gives heap memory back eagerly; a training step then touches hundreds of
     /// megabytes of new pages that the kernel must fault in and zero (on a virtual machine the host as well). Measured
@@ -37,6 +39,8 @@ module NativeAllocator =
             try
                 Libc.mallopt(mmapThreshold, mmapThresholdBytes) = 1
                 && Libc.mallopt(mmapMax, 0) = 1
+                // No new arenas for threads that have none yet: a thread's own arena is unmapped as it empties.
+                && Libc.mallopt(arenaMax, 1) = 1
                 && Libc.mallopt(trimThreshold, trimThresholdBytes) = 1
             with
             | :? DllNotFoundException

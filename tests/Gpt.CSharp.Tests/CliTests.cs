@@ -132,7 +132,7 @@ public class TrainCliTests
     public void JsonFormatWritesOneEventPerLine()
     {
         using var folder = new TempFolder();
-        var (code, output, error) = Cli.Run(null, Tiny(folder.Path, "--name", "json", "--format", "json"));
+        var (code, output, error) = Cli.Run(null, Tiny(folder.Path, "--name", "json", "--format", "json", "--qkv-bias", "false", "--tied-head", "false"));
         Assert.True(code == 0, error);
         var events = output.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement).ToList();
         Assert.Equal("started", events[0].GetProperty("event").GetString());
@@ -142,6 +142,8 @@ public class TrainCliTests
         Assert.Equal("finished", finished.GetProperty("event").GetString());
         Assert.Equal(3, finished.GetProperty("steps").GetInt32());
         Assert.Equal(folder.Combine("json", "model"), finished.GetProperty("model").GetString());
+        using var model = GptModel.Load(folder.Combine("json", "model"));
+        Assert.Equal((false, false, 1, 16), (model.Configuration.QkvBias, model.Configuration.TiedHead, model.Configuration.Layers, model.Configuration.ContextLength));
     }
 
     [Fact]
