@@ -123,7 +123,7 @@ internal static class TrainCommand
         {
             IDisplay display = json ? new JsonDisplay(context.Output)
                 : IsInteractive(context) ? new LiveDisplay(cancellation.Token)
-                : new PlainDisplay(context.Output);
+                : new PlainDisplay(context.Output, options.EvalInterval);
             // The training runs here, on the process's main thread (glibc's main heap: a fraction of the page faults a
             // thread of its own would cost, see Trainer.Train); the display, when it has a loop, on another.
             var displaying = Task.Factory.StartNew(display.Run, TaskCreationOptions.LongRunning);
@@ -188,7 +188,7 @@ internal static class TrainCommand
 
     /// <summary>Plain lines, for logs, pipes and CI: a line per evaluation (and at most every 10 s between), the
     /// samples and the checkpoints.</summary>
-    private sealed class PlainDisplay(TextWriter output) : IDisplay
+    private sealed class PlainDisplay(TextWriter output, int evalInterval) : IDisplay
     {
         private readonly object _gate = new();
         private DateTime _lastLine = DateTime.MinValue;
@@ -201,9 +201,11 @@ internal static class TrainCommand
                 {
                     case TrainingEventKind.Started:
                         output.WriteLine(Header(p));
-                        _lastLine = DateTime.UtcNow; // the first step is evaluated: no step line for it
+                        _lastLine = DateTime.UtcNow;
                         break;
-                    case TrainingEventKind.Step when DateTime.UtcNow - _lastLine > TimeSpan.FromSeconds(10):
+                    // Steps that an evaluation line follows (the first, every evalInterval-th, the last) get none.
+                    case TrainingEventKind.Step when DateTime.UtcNow - _lastLine > TimeSpan.FromSeconds(10)
+                                                     && p.Step != 1 && p.Step % evalInterval != 0 && p.Step != p.TotalSteps:
                     case TrainingEventKind.Evaluation:
                         output.WriteLine(StepLine(p));
                         _lastLine = DateTime.UtcNow;

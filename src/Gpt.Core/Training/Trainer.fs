@@ -200,8 +200,9 @@ module Trainer =
             model.train wasTraining
 
     /// Greedy continuation of a prompt, returned with the prompt as text. A GptModel goes through the KV-cached
-    /// Generator (which stops at the tokenizer's end-of-text token); any other ids → logits model through the book's
-    /// loop. Neither draws from torch's generator; the model's train/eval mode is restored.
+    /// Generator (which looks at up to the model's own context length and stops at the tokenizer's end-of-text
+    /// token); any other ids → logits model through the book's loop over the last contextLength tokens. Neither
+    /// draws from torch's generator; the model's train/eval mode is restored.
     let sample (model: Model) (tokenizer: ITokenizer) (contextLength: int) (prompt: string) (maxNewTokens: int) : string =
         let ids = ResizeArray<int>(tokenizer.Encode prompt)
         if ids.Count = 0 then Errors.fail "the sample prompt '%s' encodes to no tokens" prompt
