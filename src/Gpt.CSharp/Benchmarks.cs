@@ -25,6 +25,13 @@ public sealed record TrainBenchmark(
     TrainStepBreakdown Breakdown, double TensorsPerStep, double PageFaultsPerStep, int WarmupSteps, int TimedSteps,
     double FirstLoss, double LastLoss);
 
+/// <summary>Memory over a long training run of a small model (with KV-cache generation and evaluation in between):
+/// live tensor handles and resident memory after the warm-up and at the end.</summary>
+public sealed record LeakBenchmark(
+    int Steps, int WarmupSteps, double RssAfterWarmupMb, double RssEndMb, double RssGrowthPercent,
+    long LiveTensorsAfterWarmup, long LiveTensorsEnd, long LiveTensorsGrowth, long LiveTensorsMax, int Generations, int Evaluations,
+    double Seconds);
+
 /// <summary>The benchmark suite (warm-up, then the median of several runs). Speed is measured here, never in tests.</summary>
 public static class Benchmarks
 {
@@ -57,6 +64,17 @@ public static class Benchmarks
             r.TokensPerSecond, r.Mfu, r.MatmulGflops, r.PeakRssMb, r.StepSeconds, r.StepTimes,
             new TrainStepBreakdown(b.ZeroGrad, b.Forward, b.Backward, b.Optimizer),
             r.TensorsPerStep, r.PageFaultsPerStep, r.WarmupSteps, r.TimedSteps, r.FirstLoss, r.LastLoss);
+    }
+
+    /// <summary>Trains a small model for <paramref name="steps"/> steps, generating through the KV cache every 10 steps
+    /// and evaluating every 50, and compares live tensors and resident memory after <paramref name="warmupSteps"/> with
+    /// the end.</summary>
+    /// <exception cref="GptException">Bad step counts.</exception>
+    public static LeakBenchmark Leak(int steps = 500, int warmupSteps = 50, int seed = 123)
+    {
+        var r = LeakBench.run(steps, warmupSteps, seed);
+        return new LeakBenchmark(r.Steps, r.WarmupSteps, r.RssAfterWarmupMb, r.RssEndMb, r.RssGrowthPct, r.LiveTensorsAfterWarmup,
+            r.LiveTensorsEnd, r.LiveTensorsGrowth, r.LiveTensorsMax, r.Generations, r.Evaluations, r.Seconds);
     }
 
     internal static MachineDescription ToDescription(Measure.MachineInfo m) =>

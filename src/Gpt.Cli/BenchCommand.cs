@@ -1,14 +1,33 @@
 using System.CommandLine;
-using System.Text.Json;
 using System.Text.Json.Nodes;
 
 namespace Gpt.Cli;
 
-/// <summary><c>gpt bench</c>: the benchmark suite, each part with <c>--format json</c>.</summary>
+/// <summary><c>gpt bench</c>: the benchmark suite, each part with <c>--format json</c>; <c>gpt bench all</c> runs them all.</summary>
 internal static class BenchCommand
 {
-    /// <summary>Parts added by later stages (train, generate, leak).</summary>
+    /// <summary>Parts added by later stages.</summary>
     internal static readonly List<Func<CliContext, Command>> Parts = [];
+
+    /// <summary>A part of the suite: a command that measures one thing and returns it as a JSON object.</summary>
+    internal sealed class BenchPart(string name, string description, Func<ParseResult, JsonObject> measure) : Command(name, description)
+    {
+        public Func<ParseResult, JsonObject> Measure { get; } = measure;
+    }
+
+    /// <summary>What <c>gpt bench all</c> runs, in order: a label, the part, its options, and smaller options for
+    /// <c>--quick</c> (a smoke test of the suite; its figures are not comparable).</summary>
+    internal static readonly (string Label, string Part, string[] Options, string[] QuickOptions)[] Plan =
+    [
+        ("machine", "machine", [], []),
+        ("tokenizer", "tokenizer", [], ["--megabytes", "1"]),
+        ("generate", "generate", [], ["--new-tokens", "4"]),
+        ("generate-256", "generate", ["--new-tokens", "256"], ["--new-tokens", "8"]),
+        ("generate-256-no-cache", "generate", ["--new-tokens", "256", "--no-kv-cache"], ["--new-tokens", "8", "--no-kv-cache"]),
+        ("train-A", "train", ["--preset", "A"], ["--preset", "A", "--warmup", "0", "--steps", "1"]),
+        ("train-B", "train", ["--preset", "B"], ["--preset", "B", "--warmup", "0", "--steps", "1"]),
+        ("leak", "leak", [], ["--steps", "20", "--warmup", "5"]),
+    ];
 
     public static Command Create(CliContext context)
     {
@@ -22,7 +41,9 @@ internal static class BenchCommand
         command.Add(tokenizer);
         command.Add(GenerateCommand.Bench(context));
         command.Add(Train(context));
+        command.Add(Leak(context));
         foreach (var part in Parts) command.Add(part(context));
+        command.Add(All(context, command));
         return command;
     }
 
@@ -32,15 +53,26 @@ internal static class BenchCommand
     internal static Command Part(CliContext context, string name, string description, Func<ParseResult, JsonObject> measure)
     {
         var format = FormatOption();
-        var command = new Command(name, description) { format };
+        var command = new BenchPart(name, description, measure) { format };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
-            var result = measure(parse);
-            result["machine"] = Machine(Benchmarks.Describe());
-            Commands.Print(context, parse.GetValue(format)!, result);
+            Commands.Print(context, parse.GetValue(format)!, Labelled(name, measure(parse)));
             return 0;
         }));
         return command;
+    }
+
+    /// <summary>The result with <c>"part"</c> first and the machine it ran on last.</summary>
+    private static JsonObject Labelled(string label, JsonObject result)
+    {
+        var labelled = new JsonObject { ["part"] = label };
+        foreach (var (key, value) in result.ToList())
+        {
+            result.Remove(key);
+            labelled[key] = value;
+        }
+        labelled["machine"] = Machine(Benchmarks.Describe());
+        return labelled;
     }
 
     internal static JsonObject Machine(MachineDescription m) => new()
@@ -56,12 +88,26 @@ internal static class BenchCommand
         return new JsonObject { ["matmul_gflops"] = result.MatmulGflops, ["bandwidth_gbps"] = result.BandwidthGbps };
     }
 
+    private static JsonObject Tokenizer(double megabytes)
+    {
+        var result = Benchmarks.Tokenizer(megabytes);
+        return new JsonObject
+        {
+            ["mb_per_s"] = result.MegabytesPerSecond, ["megabytes"] = result.Megabytes,
+            ["tokens"] = result.Tokens, ["seconds"] = result.Seconds,
+        };
+    }
+
     private static Command Train(CliContext context)
     {
-        var preset = new Option<string>("--preset") { Description = "A (256 dims, 4 layers, batch 8 × 256) or B (gpt2-small, 163M, batch 1 × 256).", DefaultValueFactory = _ => "A" };
+        var preset = new Option<string>("--preset")
+        {
+            Description = "A (256 dims, 4 layers, batch 8 × 256) or B (gpt2-small, 163M, batch 1 × 256).", DefaultValueFactory = _ => "A",
+        };
         var warmup = new Option<int>("--warmup") { Description = "Untimed steps first.", DefaultValueFactory = _ => 2 };
         var steps = new Option<int>("--steps") { Description = "Timed steps (the median is reported).", DefaultValueFactory = _ => 5 };
-        var command = Part(context, "train", "Training speed: tokens/s, model FLOPs utilisation (MFU) against this machine's matmul speed, peak RSS.",
+        var command = Part(context, "train",
+            "Training speed: tokens/s, model FLOPs utilisation (MFU) against this machine's matmul speed, peak RSS, where a step's time goes.",
             parse =>
             {
                 var r = Benchmarks.Train(parse.GetValue(preset)!, parse.GetValue(warmup), parse.GetValue(steps));
@@ -75,11 +121,10 @@ internal static class BenchCommand
                     ["step_times_s"] = new JsonArray(r.StepTimes.Select(t => (JsonNode)Math.Round(t, 4)).ToArray()),
                     ["breakdown_s"] = new JsonObject
                     {
-                        ["zero_grad"] = Math.Round(b.ZeroGradSeconds, 4), ["forward"] = Math.Round(b.ForwardSeconds, 4),
-                        ["backward"] = Math.Round(b.BackwardSeconds, 4),
-                        ["optimizer"] = Math.Round(b.OptimizerSeconds, 4),
+                        ["zero_grad"] = Math.Round(b.ZeroGradSeconds, 4), ["forward_and_loss"] = Math.Round(b.ForwardSeconds, 4),
+                        ["backward"] = Math.Round(b.BackwardSeconds, 4), ["optimizer"] = Math.Round(b.OptimizerSeconds, 4),
                     },
-                    ["tensors_per_step"] = r.TensorsPerStep, ["page_faults_per_step"] = r.PageFaultsPerStep,
+                    ["tensors_per_step"] = Math.Round(r.TensorsPerStep, 1), ["page_faults_per_step"] = Math.Round(r.PageFaultsPerStep),
                     ["warmup_steps"] = r.WarmupSteps, ["timed_steps"] = r.TimedSteps,
                     ["first_loss"] = Math.Round(r.FirstLoss, 4), ["last_loss"] = Math.Round(r.LastLoss, 4),
                 };
@@ -90,13 +135,88 @@ internal static class BenchCommand
         return command;
     }
 
-    private static JsonObject Tokenizer(double megabytes)
+    private static Command Leak(CliContext context)
     {
-        var result = Benchmarks.Tokenizer(megabytes);
-        return new JsonObject
+        var steps = new Option<int>("--steps") { Description = "Training steps of the small model.", DefaultValueFactory = _ => 500 };
+        var warmup = new Option<int>("--warmup") { Description = "Steps before the first measurement.", DefaultValueFactory = _ => 50 };
+        var command = Part(context, "leak",
+            "Live tensors and resident memory over many training steps of a small model, with KV-cache generation and evaluation in between.",
+            parse =>
+            {
+                var r = Benchmarks.Leak(parse.GetValue(steps), parse.GetValue(warmup));
+                return new JsonObject
+                {
+                    ["rss_growth_pct"] = Math.Round(r.RssGrowthPercent, 2), ["live_tensors_growth"] = r.LiveTensorsGrowth,
+                    ["steps"] = r.Steps, ["warmup_steps"] = r.WarmupSteps,
+                    ["rss_after_warmup_mb"] = Math.Round(r.RssAfterWarmupMb, 1), ["rss_end_mb"] = Math.Round(r.RssEndMb, 1),
+                    ["live_tensors_after_warmup"] = r.LiveTensorsAfterWarmup, ["live_tensors_end"] = r.LiveTensorsEnd,
+                    ["live_tensors_max"] = r.LiveTensorsMax, ["generations"] = r.Generations, ["evaluations"] = r.Evaluations,
+                    ["seconds"] = Math.Round(r.Seconds, 2),
+                };
+            });
+        command.Add(steps);
+        command.Add(warmup);
+        return command;
+    }
+
+    private static Command All(CliContext context, Command bench)
+    {
+        var quick = new Option<bool>("--quick") { Description = "Tiny sizes: a smoke test of the suite (figures not comparable)." };
+        var only = new Option<string?>("--only")
         {
-            ["mb_per_s"] = result.MegabytesPerSecond, ["megabytes"] = result.Megabytes,
-            ["tokens"] = result.Tokens, ["seconds"] = result.Seconds,
+            Description = "Comma-separated labels to run: " + string.Join(", ", Plan.Select(p => p.Label)) + " (default: all).",
         };
+        var format = Commands.FormatOption("json");
+        var command = new Command("all", "Every part of the suite in turn, one JSON object per part, then the goals met or not.") { quick, only, format };
+        command.SetAction(parse => CliApp.Guard(context, () =>
+        {
+            var labels = parse.GetValue(only)?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+            var unknown = labels?.Where(l => Plan.All(p => p.Label != l)).ToList() ?? [];
+            if (unknown.Count > 0)
+                throw new GptException($"unknown bench part '{unknown[0]}': expected one of {string.Join(", ", Plan.Select(p => p.Label))}");
+            var results = new Dictionary<string, JsonObject>();
+            foreach (var (label, partName, options, quickOptions) in Plan)
+            {
+                if (labels is not null && !labels.Contains(label)) continue;
+                var part = bench.Subcommands.OfType<BenchPart>().Single(c => c.Name == partName);
+                var result = Labelled(label, part.Measure(part.Parse(parse.GetValue(quick) ? quickOptions : options)));
+                results[label] = result;
+                Commands.Print(context, parse.GetValue(format)!, result);
+                context.Output.Flush();
+            }
+            Commands.Print(context, parse.GetValue(format)!, Goals(results, parse.GetValue(quick)));
+            return 0;
+        }));
+        return command;
+    }
+
+    /// <summary>The goals of the benchmark issue against the figures measured (only those whose parts ran).</summary>
+    internal static JsonObject Goals(IReadOnlyDictionary<string, JsonObject> results, bool quick)
+    {
+        var goals = new JsonArray();
+        double? Figure(string label, string key) =>
+            !results.TryGetValue(label, out var result) || result[key] is not JsonValue value ? null
+            : value.TryGetValue(out double real) ? real
+            : value.TryGetValue(out long integer) ? integer
+            : value.TryGetValue(out int small) ? small
+            : null;
+        void Goal(string what, double? figure, string goal, Func<double, bool> met)
+        {
+            if (figure is { } f) goals.Add(new JsonObject { ["what"] = what, ["figure"] = Math.Round(f, 4), ["goal"] = goal, ["met"] = met(f) });
+        }
+        // "GB" as 10^9 bytes; peak_rss_mb is in MiB (2^20 bytes).
+        const double gigabyteInMib = 1e9 / 1048576;
+        Goal("train A: MFU", Figure("train-A", "mfu"), ">= 0.50", f => f >= 0.50);
+        Goal("train B: MFU", Figure("train-B", "mfu"), ">= 0.55", f => f >= 0.55);
+        Goal("train A: peak RSS (MiB)", Figure("train-A", "peak_rss_mb"), "<= 2289 (2.4 GB)", f => f <= 2.4 * gigabyteInMib);
+        Goal("train B: peak RSS (MiB)", Figure("train-B", "peak_rss_mb"), "<= 3242 (3.4 GB)", f => f <= 3.4 * gigabyteInMib);
+        Goal("generate gpt2-small, KV cache, 64 new tokens: tokens/s", Figure("generate", "tokens_per_s"), ">= 20", f => f >= 20);
+        var cached = Figure("generate-256", "tokens_per_s");
+        var uncached = Figure("generate-256-no-cache", "tokens_per_s");
+        Goal("generate 256 new tokens: KV cache speed-up", cached / uncached, ">= 10", f => f >= 10);
+        Goal("tokenizer: MB/s", Figure("tokenizer", "mb_per_s"), ">= 15", f => f >= 15);
+        Goal("leak: RSS growth (%)", Figure("leak", "rss_growth_pct"), "< 5", f => f < 5);
+        Goal("leak: live tensors growth", Figure("leak", "live_tensors_growth"), "<= 0", f => f <= 0);
+        return new JsonObject { ["part"] = "goals", ["quick"] = quick, ["goals"] = goals };
     }
 }

@@ -10,6 +10,9 @@ module NativeAllocator =
         [<DllImport("libc.so.6", CallingConvention = CallingConvention.Cdecl)>]
         extern int mallopt(int parameter, int value)
 
+        [<DllImport("libc.so.6", CallingConvention = CallingConvention.Cdecl)>]
+        extern int malloc_trim(unativeint pad)
+
     // glibc's malloc.h
     let private trimThreshold = -1
     let private mmapThreshold = -3
@@ -42,6 +45,16 @@ module NativeAllocator =
                 // No new arenas for threads that have none yet: a thread's own arena is unmapped as it empties.
                 && Libc.mallopt(arenaMax, 1) = 1
                 && Libc.mallopt(trimThreshold, trimThresholdBytes) = 1
+            with
+            | :? DllNotFoundException
+            | :? EntryPointNotFoundException -> false
+
+    /// Gives the free memory of glibc's heaps back to the system (malloc_trim), so that the resident size reflects
+    /// what is in use: the benchmark suite calls it between parts. False where it does not apply.
+    let releaseFreeMemory () : bool =
+        if not (OperatingSystem.IsLinux()) then false
+        else
+            try Libc.malloc_trim 0un = 1
             with
             | :? DllNotFoundException
             | :? EntryPointNotFoundException -> false

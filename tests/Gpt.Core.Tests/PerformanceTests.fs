@@ -104,6 +104,19 @@ let headLossTests =
             Expect.isFalse evaluated.requires_grad "no graph under no_grad"
             expectClose 1e-5 evaluated reference "no-grad value"
 
+        testCase "the weight gradient accumulates over backward calls, as autograd's would" <| fun () ->
+            use hidden = (randn 12 [ 6L; 4L ]).requires_grad_ true
+            use weight = (randn 13 [ 9L; 4L ]).requires_grad_ true
+            use targets = torch.tensor([| 0L; 8L; 3L; 3L; 1L; 5L |])
+            use reference = torch.nn.functional.cross_entropy(hidden.mm(weight.t()), targets)
+            let referenceGradients = torch.autograd.grad([| reference |], [| weight |])
+            use referenceWeight = referenceGradients[0]
+            for _ in 1 .. 3 do
+                use loss = HeadLoss.crossEntropy hidden weight targets
+                loss.backward ()
+            use accumulated = weight.grad
+            expectClose 1e-6 accumulated (referenceWeight * 3.0) "three backward calls add up"
+
         testCase "Loss.batch takes the fused path for a GptModel; shape errors are clear" <| fun () ->
             use model = new GptModel(tinyConfig, 3L)
             model.eval ()
@@ -140,6 +153,30 @@ let optimizerTests =
                     expectEqual p (reference.state_dict().[name]) (sprintf "step %d: %s" step name)
             let steps = Optimizer.stepCounts slicedOptimizer |> Array.map snd |> Array.distinct
             Expect.equal steps [| 3L |] "step counts"
+    ]
+
+[<Tests>]
+let zeroGradTests =
+    testList "zero_grad" [
+        testCase "gradients of 32 MB or more are dropped, smaller ones zeroed in place" <| fun () ->
+            // wte and the head: 33,000 × 256 float32 = 33.8 MB each; everything else is far smaller.
+            let config = { tinyConfig with VocabSize = 33000; EmbeddingDim = 256; Layers = 1; TiedHead = false }
+            use model = new GptModel(config, 2L)
+            use optimizer = Optimizer.adamW Optimizer.defaults model
+            for _ in 1 .. 2 do
+                optimizer.ZeroGrad()
+                use loss = model.Loss(randomIds 3 33000 1 4, randomIds 4 33000 1 4)
+                loss.backward ()
+                optimizer.Step()
+            optimizer.ZeroGrad()
+            for struct (name, p) in model.named_parameters () do
+                use grad = p.grad
+                if p.numel () * 4L >= int64 NativeAllocator.mmapThresholdBytes then
+                    Expect.isTrue (isNull grad) (sprintf "%s: dropped" name)
+                else
+                    Expect.isFalse (isNull grad) (sprintf "%s: kept" name)
+                    Expect.equal (grad.abs().sum().item<float32> ()) 0.0f (sprintf "%s: zeroed" name)
+            Expect.isTrue (model.named_parameters () |> Seq.exists (fun struct (_, p) -> p.numel () * 4L >= 33_554_432L)) "some are large"
     ]
 
 [<Tests>]

@@ -150,6 +150,10 @@ module TrainBench =
     let run (preset: Preset) (warmup: int) (steps: int) (seed: int) : TrainResult =
         Errors.require (warmup >= 0) "warm-up steps must not be negative, found %d" warmup
         Errors.require (steps > 0) "timed steps must be positive, found %d" steps
+        // Each part of a suite run in one process reports its own peak: what earlier parts freed is given back first.
+        GC.Collect()
+        GC.WaitForPendingFinalizers()
+        NativeAllocator.releaseFreeMemory () |> ignore
         Measure.resetPeakRss ()
         let matmulBefore = MachineBench.matmulGflops 1024 10
         use model = new GptModel(preset.Config, int64 seed)

@@ -14,7 +14,8 @@ open Gpt
 /// head → log-softmax → loss → softmax minus one-hot → both gradient products while its logits are still in cache,
 /// and the chunk buffers (at most 31 MB, below glibc's largest mmap threshold) are reused from one chunk to the next.
 /// The gradients are computed in the forward pass (the loss is the end of the graph, so backward only scales them
-/// by the incoming gradient): the same matrix products as the plain path, no recomputation.
+/// by the incoming gradient): the same matrix products as the plain path, no recomputation. The weight's gradient is
+/// added to weight.grad directly (see Function).
 [<RequireQualifiedAccess>]
 module HeadLoss =
     /// Largest logits chunk, in bytes: below 32 MB, the largest buffer glibc serves from its heap (NativeAllocator).
@@ -43,7 +44,9 @@ module HeadLoss =
             let count = min chunk (rows - start)
             let h = hidden.narrow(0L, start, count) // (R, C)
             let t = targets.narrow(0L, start, count).unsqueeze(1L) // (R, 1)
-            let logProbabilities = h.mm(weight.t()).log_softmax(1L) // (R, V)
+            let logits = h.mm(weight.t()) // (R, V)
+            // log-softmax in place (one chunk buffer instead of two): logits - logsumexp(logits)
+            let logProbabilities = logits.sub_(logits.logsumexp(1L, keepdim = true)) // (R, V)
             lossSum <- lossSum - float (logProbabilities.gather(1L, t).sum().item<float32> ())
             if gradients then
                 // d loss / d logits = (softmax - one_hot(target)) / N
@@ -61,7 +64,12 @@ module HeadLoss =
         use single = torch.tensor(float32 value)
         single.to_type(dtype)
 
-    /// The autograd node: forward returns the loss and keeps the two gradients, backward scales them.
+    /// The autograd node: forward returns the loss and keeps the two gradients; backward scales them by the incoming
+    /// gradient, returns the one for the hidden states and adds the one for the weight to weight.grad itself.
+    /// Why not return it: autograd would copy it (our handle still refers to it) before adding it in, a second
+    /// vocab × C buffer (154 MB for gpt2-small) alive at the start of backward. The weight is a leaf (the head's or
+    /// the token embedding's parameter), so this is what autograd's accumulation would do; only torch.autograd.grad
+    /// with respect to that weight does not see this gradient.
     type private Function() =
         inherit torch.autograd.SingleTensorFunction<Function>()
         override _.Name = "FusedHeadCrossEntropy"
@@ -71,15 +79,19 @@ module HeadLoss =
             let weight = inputs[1] :?> torch.Tensor
             let targets = inputs[2] :?> torch.Tensor
             let loss, gradHidden, gradWeight = compute hidden weight targets true
-            context.save_for_backward(List [ gradHidden; gradWeight ])
+            context.save_for_backward(List [ gradHidden; gradWeight; weight ])
             scalar hidden.dtype loss
 
         override _.backward(context, gradOutput) =
             let saved = context.get_saved_variables ()
+            let gradHidden, gradWeight, weight = saved[0], saved[1], saved[2]
             let scale = gradOutput.item<float32> ()
-            // A loss that is not scaled (the usual case) passes the gradients on as they are: no copy.
-            let scaled (gradient: torch.Tensor) = if scale = 1.0f then gradient else gradient.mul(gradOutput)
-            List [ scaled saved[0]; scaled saved[1]; null ]
+            if weight.requires_grad then
+                use existing = weight.grad
+                if isNull existing then weight.grad <- (if scale = 1.0f then gradWeight else gradWeight.mul(gradOutput))
+                else existing.add_(gradWeight, alpha = scale) |> ignore
+            // A loss that is not scaled (the usual case) passes the gradient on as it is: no copy.
+            List [ (if scale = 1.0f then gradHidden else gradHidden.mul(gradOutput)); null; null ]
 
     /// Mean next-token cross-entropy of the logits hidden · weightᵀ against targets, without materialising the
     /// logits. hidden (N, C) float, weight (V, C) (the head's, or the tied token embedding), targets (N) int64 ->

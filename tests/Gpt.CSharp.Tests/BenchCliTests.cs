@@ -1,0 +1,67 @@
+using System.Text.Json;
+using Xunit;
+
+namespace Gpt.CSharp.Tests;
+
+/// <summary><c>gpt bench</c> with the smallest sizes: the JSON keys scripts rely on, and clear errors. No timing is checked.</summary>
+public class BenchCliTests
+{
+    private static JsonElement Object(string line) => JsonDocument.Parse(line).RootElement;
+
+    private static void HasNumbers(JsonElement result, params string[] keys)
+    {
+        foreach (var key in keys)
+        {
+            Assert.True(result.TryGetProperty(key, out var value), $"missing key '{key}' in {result}");
+            Assert.Equal(JsonValueKind.Number, value.ValueKind);
+        }
+    }
+
+    [Fact]
+    public void TrainOneStepOfPresetAPrintsTheFigures()
+    {
+        var (code, output, error) = Cli.Run(null, "bench", "train", "--preset", "A", "--warmup", "0", "--steps", "1", "--format", "json");
+        Assert.True(code == 0, error);
+        var result = Object(output.Trim());
+        Assert.Equal("train", result.GetProperty("part").GetString());
+        HasNumbers(result, "tokens_per_s", "mfu", "peak_rss_mb", "matmul_gflops", "step_s", "flops_per_token", "page_faults_per_step");
+        Assert.Equal(16_011_520, result.GetProperty("matrix_parameters").GetInt64());
+        Assert.Equal(28_953_600, result.GetProperty("parameters").GetInt64());
+        HasNumbers(result.GetProperty("breakdown_s"), "forward_and_loss", "backward", "optimizer");
+        Assert.True(result.GetProperty("mfu").GetDouble() > 0);
+        Assert.True(result.GetProperty("machine").TryGetProperty("torch_threads", out _));
+    }
+
+    [Fact]
+    public void LeakAndAllPrintOneObjectPerPartThenTheGoals()
+    {
+        var (code, output, error) = Cli.Run(null, "bench", "leak", "--steps", "12", "--warmup", "2", "--format", "json");
+        Assert.True(code == 0, error);
+        var leak = Object(output.Trim());
+        HasNumbers(leak, "rss_growth_pct", "live_tensors_growth", "rss_after_warmup_mb", "rss_end_mb");
+        Assert.Equal(1, leak.GetProperty("generations").GetInt32());
+
+        var (allCode, allOutput, allError) = Cli.Run(null, "bench", "all", "--quick", "--only", "machine,leak");
+        Assert.True(allCode == 0, allError);
+        var lines = allOutput.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(Object).ToList();
+        Assert.Equal(new[] { "machine", "leak", "goals" }, lines.Select(l => l.GetProperty("part").GetString()).ToArray());
+        HasNumbers(lines[0], "matmul_gflops", "bandwidth_gbps");
+        var goals = lines[2].GetProperty("goals").EnumerateArray().Select(g => g.GetProperty("what").GetString()).ToList();
+        Assert.Equal(new[] { "leak: RSS growth (%)", "leak: live tensors growth" }, goals.ToArray());
+        Assert.True(lines[2].GetProperty("quick").GetBoolean());
+    }
+
+    [Fact]
+    public void BadArgumentsAreClearErrors()
+    {
+        var (code, _, error) = Cli.Run(null, "bench", "train", "--preset", "C");
+        Assert.Equal(1, code);
+        Assert.Contains("unknown training benchmark preset 'C': expected A or B", error);
+        var (leakCode, _, leakError) = Cli.Run(null, "bench", "leak", "--steps", "5", "--warmup", "5");
+        Assert.Equal(1, leakCode);
+        Assert.Contains("steps (5) must be more than the warm-up steps (5)", leakError);
+        var (allCode, _, allError) = Cli.Run(null, "bench", "all", "--only", "train-C");
+        Assert.Equal(1, allCode);
+        Assert.Contains("unknown bench part 'train-C'", allError);
+    }
+}
