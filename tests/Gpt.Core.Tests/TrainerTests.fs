@@ -34,9 +34,7 @@ let tests =
                     InitialLearningRate = 5e-3; MinLearningRate = 5e-3; WarmupSteps = 5; EvalInterval = 50
                     SamplePrompt = Some "the quick"; SampleTokens = 8; GradientClip = Some 1.0 }
             let samples = ResizeArray()
-            let clock = Diagnostics.Stopwatch.StartNew()
             let result = Trainer.train options model data None (function EpochEnded(_, Some s) -> samples.Add s | _ -> ()) CancellationToken.None
-            Expect.isLessThan clock.Elapsed.TotalSeconds 10.0 "a few seconds"
             let first = result.Evaluations[0]
             let last = Array.last result.Evaluations
             Expect.isGreaterThan first.TrainLoss 2.0 "starts high"
