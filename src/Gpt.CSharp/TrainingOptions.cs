@@ -23,12 +23,14 @@ public sealed record TrainingOptions
     };
 
     /// <summary>The book's chapter 5 run: gpt2-small with 256 positions, no QKV bias, dropout 0.1 and a separate output
-    /// head (the book's GPTModel does not tie it: 162M parameters); AdamW with a
+    /// head (the book's GPTModel does not tie it: 162M parameters) and PyTorch's default initialisation (the book
+    /// applies none of its own; with GPT-2's, this run stalls near a loss of 5); AdamW with a
     /// constant learning rate of 4e-4 and weight decay 0.1 on every parameter; batch 2; 10 epochs; evaluation every 5
     /// steps on 5 batches; no warmup, no clipping; seed 123; the sample "Every effort moves you" at every epoch end.</summary>
     public static TrainingOptions Book { get; } = new()
     {
         Model = GptConfiguration.Gpt2Small with { ContextLength = 256, QkvBias = false, DropRate = 0.1, TiedHead = false },
+        Initialization = ModelInitialization.TorchDefaults,
         BatchSize = 2, Epochs = 10, LearningRate = 4e-4, MinLearningRate = 4e-4, WarmupSteps = 0, WeightDecay = 0.1,
         DecayAll = true, GradientClip = null, EvalInterval = 5, EvalBatches = 5, SampleTokens = 50, Seed = 123,
     };
@@ -48,6 +50,9 @@ public sealed record TrainingOptions
     /// <summary>The shape of a fresh model. Ignored with <see cref="InitFrom"/> or <see cref="ResumeFrom"/>, which
     /// bring their own.</summary>
     public GptConfiguration Model { get; init; } = DefaultModel;
+
+    /// <summary>How a fresh model's weights are drawn (from <see cref="Seed"/>).</summary>
+    public ModelInitialization Initialization { get; init; } = ModelInitialization.Gpt2;
 
     /// <summary>Continue pretraining a model in the Hugging Face layout (<c>config.json</c> +
     /// <c>model.safetensors</c>) instead of starting from random weights.</summary>
@@ -194,6 +199,16 @@ public sealed record TrainingOptions
     }
 }
 
+/// <summary>How a fresh model's weights are drawn.</summary>
+public enum ModelInitialization
+{
+    /// <summary>GPT-2's (nanoGPT's): weights N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 × layers)), biases 0.</summary>
+    Gpt2,
+    /// <summary>PyTorch's default for each layer, which the book's GPTModel keeps: Linear U(±1/sqrt(fan_in)),
+    /// embeddings N(0, 1).</summary>
+    TorchDefaults,
+}
+
 /// <summary><c>run.json</c>: what a run's checkpoints do not hold (where the text came from and how it was split).</summary>
 internal static class RunFile
 {
@@ -209,6 +224,7 @@ internal static class RunFile
             ["train_ratio"] = options.TrainRatio,
             ["tokenizer"] = "gpt2",
             ["init_from"] = initFrom is null ? null : Path.GetFullPath(initFrom),
+            ["initialization"] = initFrom is null ? options.Initialization.ToString() : null,
             ["created_utc"] = DateTime.UtcNow.ToString("o"),
         };
         Directory.CreateDirectory(runDirectory);

@@ -34,6 +34,8 @@ internal static class TrainCommand
         var output = new Option<string>("--out") { Description = "Folder of runs: the run writes OUT/NAME/.", DefaultValueFactory = _ => defaults.OutputDirectory };
         var name = new Option<string?>("--name") { Description = "The run's name (its folder under --out). Default: run-yyyyMMdd-HHmmss." };
         var resume = new Option<string?>("--resume") { Description = "Resume a run from its latest checkpoint: the run's folder (runs/NAME) or a checkpoint. Its options are reused; options given here override them." };
+        var init = new Option<string>("--init") { Description = "How a fresh model's weights are drawn: gpt2 (N(0, 0.02), GPT-2's) or torch (PyTorch's layer defaults, as the book's model has).", DefaultValueFactory = _ => "gpt2" };
+        init.AcceptOnlyFromAmong("gpt2", "torch");
         var initFrom = new Option<string?>("--init-from") { Description = "Continue pretraining a model in the Hugging Face layout (config.json + model.safetensors)." };
         var keepLast = new Option<int>("--keep-last") { Description = "Checkpoints kept besides the best by validation loss.", DefaultValueFactory = _ => defaults.KeepLast };
         var checkpointInterval = new Option<int>("--checkpoint-interval") { Description = "Write a checkpoint every this many steps (0: only at the end and on Ctrl+C).", DefaultValueFactory = _ => defaults.CheckpointInterval };
@@ -46,7 +48,7 @@ internal static class TrainCommand
             "(model/, for gpt generate --model). Ctrl+C writes a checkpoint and stops; --resume continues.")
         {
             data, batchSize, epochs, maxSteps, lr, minLr, warmup, weightDecay, decayAll, gradClip, accumulation, evalInterval,
-            evalBatches, samplePrompt, sampleTokens, seed, output, name, resume, initFrom, keepLast, checkpointInterval, format,
+            evalBatches, samplePrompt, sampleTokens, seed, output, name, resume, init, initFrom, keepLast, checkpointInterval, format,
         };
         config.AddTo(command);
 
@@ -65,7 +67,13 @@ internal static class TrainCommand
 
             var options = resumePath is not null
                 ? TrainingOptions.FromCheckpoint(resumePath)
-                : new TrainingOptions { Model = config.Read(parse), InitFrom = initPath, ContextLength = initPath is null ? null : parse.GetValue(config.ContextLength) };
+                : new TrainingOptions
+                {
+                    Model = config.Read(parse), InitFrom = initPath, ContextLength = initPath is null ? null : parse.GetValue(config.ContextLength),
+                    Initialization = parse.GetValue(init) == "torch" ? ModelInitialization.TorchDefaults : ModelInitialization.Gpt2,
+                };
+            if ((resumePath is not null || initPath is not null) && Given(init))
+                throw new GptException($"{(resumePath is not null ? "--resume" : "--init-from")} brings its own weights: --init does not apply");
             options = options with
             {
                 Data = Given(data) ? parse.GetValue(data) : options.Data,

@@ -132,7 +132,7 @@ public class TrainCliTests
     public void JsonFormatWritesOneEventPerLine()
     {
         using var folder = new TempFolder();
-        var (code, output, error) = Cli.Run(null, Tiny(folder.Path, "--name", "json", "--format", "json", "--qkv-bias", "false", "--tied-head", "false"));
+        var (code, output, error) = Cli.Run(null, Tiny(folder.Path, "--name", "json", "--format", "json", "--qkv-bias", "false", "--tied-head", "false", "--init", "torch"));
         Assert.True(code == 0, error);
         var events = output.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement).ToList();
         Assert.Equal("started", events[0].GetProperty("event").GetString());
@@ -169,6 +169,7 @@ public class TrainCliTests
         Fails("embedding dimension 16 is not divisible by 3 heads", "train", "--emb-dim", "16", "--heads", "3", "--out", folder.Path);
         Fails("--init-from brings its own model", Tiny(folder.Path, "--init-from", folder.Combine("no-model")));
         Fails("model directory", "train", "--init-from", folder.Combine("no-model"), "--out", folder.Path);
+        Fails("--init does not apply", "train", "--init-from", folder.Combine("no-model"), "--init", "torch");
     }
 
     [Fact]
@@ -178,7 +179,7 @@ public class TrainCliTests
         Assert.Equal(0, code);
         foreach (var option in new[] { "--data", "--config", "--context-length", "--emb-dim", "--heads", "--layers", "--drop-rate", "--qkv-bias",
                      "--tied-head", "--batch-size", "--epochs", "--max-steps", "--lr", "--min-lr", "--warmup-steps", "--weight-decay", "--grad-clip",
-                     "--eval-interval", "--seed", "--out", "--resume", "--init-from", "--decay-all", "--grad-accumulation", "--keep-last", "--name", "--format" })
+                     "--eval-interval", "--seed", "--out", "--resume", "--init", "--init-from", "--decay-all", "--grad-accumulation", "--keep-last", "--name", "--format" })
             Assert.Contains(option, help);
     }
 }

@@ -140,6 +140,7 @@ public class TrainerFacadeTests
         var book = TrainingOptions.Book;
         Assert.Equal(162_419_712, book.Model.ParameterCount); // the book's 163,009,536 at 1,024 positions, less 768 x 768
         Assert.Equal((2, 10, 4e-4, 4e-4, 0, 0.1, true, (double?)null), (book.BatchSize, book.Epochs, book.LearningRate, book.MinLearningRate, book.WarmupSteps, book.WeightDecay, book.DecayAll, book.GradientClip));
+        Assert.Equal(ModelInitialization.TorchDefaults, book.Initialization);
         Assert.Equal(16_055_040, TrainingOptions.DefaultModel.ParameterCount);
         var defaults = new TrainingOptions();
         Assert.Equal(TrainingOptions.DefaultModel, defaults.Model);

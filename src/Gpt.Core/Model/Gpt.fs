@@ -121,6 +121,14 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
     /// before ours overwrites it.)
     new(config: GptConfig, ?seed: int64) = new GptModel(config, seed, true)
 
+    /// A model with PyTorch's default initialisation of each layer, as the book's GPTModel has (it applies none of
+    /// its own): Linear weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), embeddings N(0, 1), LayerNorm 1 and 0.
+    /// Drawn from the global torch generator, seeded with `seed` first. Such large embeddings learn much faster than
+    /// GPT-2's N(0, 0.02) at the book's small constant learning rate.
+    static member WithTorchDefaults(config: GptConfig, seed: int64) =
+        torch.manual_seed seed |> ignore
+        new GptModel(config, None, false)
+
     member _.Config = config
     /// The token embedding (vocab, C), state_dict key `wte`; also the output head when tied.
     member _.TokenEmbedding = wte
