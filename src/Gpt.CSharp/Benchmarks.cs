@@ -77,6 +77,16 @@ public static class Benchmarks
             r.LiveTensorsEnd, r.LiveTensorsGrowth, r.LiveTensorsMax, r.Generations, r.Evaluations, r.Seconds);
     }
 
+    /// <summary>Runs <paramref name="measure"/> and tells how much of the machine's CPU other processes used meanwhile,
+    /// in percent of all cores (Linux; NaN elsewhere): figures measured next to a busy neighbour are slower.</summary>
+    public static (T Result, double OthersCpuPercent) WithContention<T>(Func<T> measure)
+    {
+        ArgumentNullException.ThrowIfNull(measure);
+        var before = Measure.cpuSnapshot();
+        var result = measure();
+        return (result, Measure.othersCpuPercent(before, Measure.cpuSnapshot()));
+    }
+
     internal static MachineDescription ToDescription(Measure.MachineInfo m) =>
         new(m.Cpu, m.LogicalCores, m.TorchThreads, m.MemoryGiB, m.Os, m.Runtime, m.TorchSharp, m.LoadAverage);
 }

@@ -56,13 +56,22 @@ internal static class BenchCommand
         var command = new BenchPart(name, description, measure) { format };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
-            Commands.Print(context, parse.GetValue(format)!, Labelled(name, measure(parse)));
+            Commands.Print(context, parse.GetValue(format)!, Measured(name, () => measure(parse)));
             return 0;
         }));
         return command;
     }
 
-    /// <summary>The result with <c>"part"</c> first and the machine it ran on last.</summary>
+    /// <summary>Runs a measurement; its result with <c>"part"</c> first and the machine it ran on last, including how
+    /// busy other processes kept the cores meanwhile.</summary>
+    private static JsonObject Measured(string label, Func<JsonObject> measure)
+    {
+        var (result, others) = Benchmarks.WithContention(measure);
+        var labelled = Labelled(label, result);
+        labelled["machine"]!["others_cpu_pct"] = others;
+        return labelled;
+    }
+
     private static JsonObject Labelled(string label, JsonObject result)
     {
         var labelled = new JsonObject { ["part"] = label };
@@ -179,7 +188,7 @@ internal static class BenchCommand
             {
                 if (labels is not null && !labels.Contains(label)) continue;
                 var part = bench.Subcommands.OfType<BenchPart>().Single(c => c.Name == partName);
-                var result = Labelled(label, part.Measure(part.Parse(parse.GetValue(quick) ? quickOptions : options)));
+                var result = Measured(label, () => part.Measure(part.Parse(parse.GetValue(quick) ? quickOptions : options)));
                 results[label] = result;
                 Commands.Print(context, parse.GetValue(format)!, result);
                 context.Output.Flush();

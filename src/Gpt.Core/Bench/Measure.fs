@@ -77,6 +77,29 @@ module Measure =
             int64 fields[7]
         with _ -> 0L
 
+    /// CPU time so far, in clock ticks: of the whole machine (busy and idle, all cores) and of this process.
+    type CpuSnapshot = { MachineBusy: int64; MachineTotal: int64; Process: int64 }
+
+    let cpuSnapshot () =
+        try
+            let fields = (File.ReadLines "/proc/stat" |> Seq.head).Split(' ', StringSplitOptions.RemoveEmptyEntries)
+            let ticks = fields[1..] |> Array.map int64 // user nice system idle iowait irq softirq steal ...
+            let idle = ticks[3] + ticks[4]
+            let total = ticks |> Array.truncate 8 |> Array.sum
+            let stat = File.ReadAllText "/proc/self/stat"
+            let own = stat.Substring(stat.LastIndexOf ')' + 2).Split ' '
+            { MachineBusy = total - idle; MachineTotal = total; Process = int64 own[11] + int64 own[12] } // utime, stime
+        with _ -> { MachineBusy = 0L; MachineTotal = 0L; Process = 0L }
+
+    /// The share of the machine's CPU capacity that other processes used between two snapshots, in percent (0 on
+    /// an otherwise idle machine; 50 means one of two cores was busy with something else). NaN where unknown.
+    let othersCpuPercent (before: CpuSnapshot) (after: CpuSnapshot) =
+        let total = after.MachineTotal - before.MachineTotal
+        if total <= 0L then nan
+        else
+            let others = (after.MachineBusy - before.MachineBusy) - (after.Process - before.Process)
+            Math.Round(100.0 * float (max 0L others) / float total, 1)
+
     /// Current resident set size, in MB.
     let rssMb () =
         use self = Process.GetCurrentProcess()
