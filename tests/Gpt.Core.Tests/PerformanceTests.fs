@@ -131,12 +131,75 @@ let headLossTests =
     ]
 
 [<Tests>]
+let tokenLookupTests =
+    testList "token lookup" [
+        testCase "rows and gradients equal autograd's lookup, with repeated ids, int32 ids and accumulation" <| fun () ->
+            for dtype in [ torch.int64; torch.int32 ] do
+                use weight = (randn 21 [ 11L; 6L ]).requires_grad_ true
+                use reference = (randn 21 [ 11L; 6L ]).requires_grad_ true
+                // Repeated ids (3 and 7) must add their rows' gradients.
+                use ids = torch.tensor([| 3L; 7L; 3L; 0L; 7L; 10L |]).view(2L, 3L).to_type(dtype)
+                use upstream = randn 22 [ 2L; 3L; 6L ]
+                for pass in 1 .. 2 do // the second pass adds into the existing gradient
+                    use rows = TokenLookup.lookup weight ids
+                    use expected = reference.index_select(0L, ids.flatten()).view(2L, 3L, 6L) // autograd's own backward
+                    expectClose 0.0 rows expected (sprintf "rows, %O, pass %d" dtype pass)
+                    use product = (rows * upstream).sum()
+                    product.backward ()
+                    use expectedProduct = (expected * upstream).sum()
+                    expectedProduct.backward ()
+                    use grad = weight.grad
+                    use expectedGrad = reference.grad
+                    expectClose 1e-6 grad expectedGrad (sprintf "gradient, %O, pass %d" dtype pass)
+                use _ = torch.no_grad ()
+                use plain = TokenLookup.lookup weight ids
+                Expect.isFalse plain.requires_grad "no graph under no_grad"
+
+        testCase "GptModel's table and head gradients equal those of the same model spelled with autograd's layers" <| fun () ->
+            // The reference runs the model's own blocks, but the token lookup through autograd's index_select and the
+            // head through matmul and cross_entropy on a clone of the table: neither of our backward functions is on
+            // the reference side.
+            for config in [ tinyConfig; { tinyConfig with TiedHead = false } ] do
+                use model = new GptModel(config, 9L)
+                model.eval ()
+                use ids = randomIds 31 config.VocabSize 2 7
+                use targets = randomIds 32 config.VocabSize 2 7
+                use loss = model.Loss(ids, targets)
+                loss.backward ()
+                use table = model.TokenEmbedding.weight
+                use tableGrad = table.grad
+                use actualTable = tableGrad.clone ()
+                let actualHead = model.Head |> Option.map (fun head -> using head.weight.grad (fun g -> g.clone ()))
+                use clone = table.detach().clone().requires_grad_ true
+                // Tied: the head is the table itself.
+                let headClone =
+                    match model.Head with
+                    | Some head -> head.weight.detach().clone().requires_grad_ true
+                    | None -> clone
+                use scope = torch.NewDisposeScope()
+                let positions = model.PositionEmbedding.forward (torch.arange(7L))
+                let mutable x = clone.index_select(0L, ids.flatten()).view(2L, 7L, -1L) + positions
+                for block in model.Blocks do
+                    x <- block.forward x
+                let logits = model.FinalNorm.forward(x).matmul(headClone.t())
+                let reference = torch.nn.functional.cross_entropy(logits.view(-1L, int64 config.VocabSize), targets.flatten())
+                expectClose 1e-5 loss reference (sprintf "loss, tied %b" config.TiedHead)
+                reference.backward ()
+                expectClose 1e-6 actualTable clone.grad (sprintf "table gradient, tied %b" config.TiedHead)
+                match actualHead with
+                | Some head ->
+                    expectClose 1e-6 head headClone.grad "separate head gradient"
+                    head.Dispose()
+                | None -> ()
+    ]
+
+[<Tests>]
 let optimizerTests =
     testList "sliced AdamW" [
         testCase "NamedAdamW.Step gives TorchSharp's AdamW results to the bit, also for parameters above one slice" <| fun () ->
-            // wte is 4,500 × 256 = 1,152,000 values: more than one slice of NamedAdamW.SliceElements.
-            let config = { tinyConfig with VocabSize = 4500; EmbeddingDim = 256; Layers = 1 }
-            Expect.isGreaterThan (4500L * 256L) NamedAdamW.SliceElements "a parameter spans two slices"
+            // wte is 9,000 × 256 = 2,304,000 values: more than one slice of NamedAdamW.SliceElements.
+            let config = { tinyConfig with VocabSize = 9000; EmbeddingDim = 256; Layers = 1 }
+            Expect.isGreaterThan (9000L * 256L) NamedAdamW.SliceElements "a parameter spans two slices"
             use sliced = new GptModel(config, 11L)
             use reference = new GptModel(config, 11L)
             use slicedOptimizer = Optimizer.adamW Optimizer.defaults sliced
@@ -145,7 +208,7 @@ let optimizerTests =
                 for model, optimizer in [ sliced, slicedOptimizer; reference, referenceOptimizer ] do
                     use scope = torch.NewDisposeScope()
                     optimizer.ZeroGrad()
-                    let loss = model.Loss(randomIds step 4500 2 8, randomIds (step + 10) 4500 2 8)
+                    let loss = model.Loss(randomIds step 9000 2 8, randomIds (step + 10) 9000 2 8)
                     loss.backward ()
                 slicedOptimizer.Step()
                 referenceOptimizer.AdamW.step () |> ignore // TorchSharp's own step
@@ -177,6 +240,24 @@ let zeroGradTests =
                     Expect.isFalse (isNull grad) (sprintf "%s: kept" name)
                     Expect.equal (grad.abs().sum().item<float32> ()) 0.0f (sprintf "%s: zeroed" name)
             Expect.isTrue (model.named_parameters () |> Seq.exists (fun struct (_, p) -> p.numel () * 4L >= 33_554_432L)) "some are large"
+    ]
+
+[<Tests>]
+let allocatorTests =
+    testList "native allocator" [
+        testCase "huge-page advice applies to large contiguous CPU tensors only and leaves their values alone" <| fun () ->
+            use large = torch.arange(3_000_000L, dtype = torch.float32) // 12 MB
+            let advised = NativeAllocator.adviseHugePages large
+            if System.OperatingSystem.IsLinux() then Expect.isTrue advised "a 12 MB tensor is advised on Linux"
+            use expected = torch.arange(3_000_000L, dtype = torch.float32)
+            expectEqual large expected "values unchanged"
+            use small = torch.ones(1000L)
+            Expect.isFalse (NativeAllocator.adviseHugePages small) "below one huge page"
+            use strided = large.view(1000L, 3000L).t()
+            Expect.isFalse (NativeAllocator.adviseHugePages strided) "not contiguous"
+            use fresh = NativeAllocator.emptyLike (large.view(1000L, 3000L))
+            Expect.equal fresh.shape [| 1000L; 3000L |] "emptyLike keeps the shape"
+            Expect.equal fresh.dtype torch.float32 "and the type"
     ]
 
 [<Tests>]

@@ -157,7 +157,9 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
         TokenIds.check config.VocabSize config.ContextLength ids
         use scope = torch.NewDisposeScope()
         let positions = torch.arange(ids.shape[1], device = ids.device) // (T)
-        let mutable x = drop.forward (wte.forward ids + wpe.forward positions) // (B, T, C)
+        // wte.forward, with a backward that adds into the table's gradient in place (TokenLookup).
+        let tokens = TokenLookup.lookup wte.weight ids // (B, T, C)
+        let mutable x = drop.forward (tokens + wpe.forward positions) // (B, T, C)
         for block in h do
             x <- block.forward x
         ln_f.forward(x).MoveToOuterDisposeScope()

@@ -5,21 +5,24 @@ open System.Collections.Generic
 open TorchSharp
 open Gpt
 
-/// The output head and the next-token cross-entropy fused, a few rows at a time.
+/// The output head and the next-token cross-entropy fused, a few hundred rows at a time.
 ///
 /// Why: the plain path materialises logits [B·T, vocab] and, for training, three more tensors of that size (the
 /// log-softmax kept for backward, the gradient of the loss with respect to it, the gradient of the logits). With
-/// GPT-2's 50,257-token vocabulary that is 411 MB each for a batch of 8 × 256, four times a step: fresh memory the
-/// kernel has to map and zero, which cost a third of a training step here. Fused, each chunk of rows goes through
-/// head → log-softmax → loss → softmax minus one-hot → both gradient products while its logits are still in cache,
-/// and the chunk buffers (at most 31 MB, below glibc's largest mmap threshold) are reused from one chunk to the next.
+/// GPT-2's 50,257-token vocabulary that is 411 MB each for a batch of 8 × 256, four times a step. Fused, each chunk of
+/// rows goes through head → log-softmax → loss → softmax minus one-hot → both gradient products while its logits are
+/// still in cache, in one chunk buffer reused from chunk to chunk.
+/// The chunk's logits are computed transposed, (vocab, rows) = weight · hiddenᵀ: with the vocabulary as the long side
+/// of the product's output MKL ran these shapes 5–15% faster here (gpt2-small, 256 rows: 0.40 s against 0.42 s for
+/// the whole head with both gradients; preset A's 2048 rows: 1.15 s against 1.30 s), and the weight's gradient
+/// (vocab, C) += P (vocab, rows) · hidden (rows, C) then needs no transposed operand.
 /// The gradients are computed in the forward pass (the loss is the end of the graph, so backward only scales them
 /// by the incoming gradient): the same matrix products as the plain path, no recomputation. The weight's gradient is
 /// added to weight.grad directly (see Function).
 [<RequireQualifiedAccess>]
 module HeadLoss =
-    /// Largest logits chunk, in bytes: below 32 MB, the largest buffer glibc serves from its heap (NativeAllocator).
-    let chunkBytes = 31L * 1024L * 1024L
+    /// Largest logits chunk, in bytes (64 MB: 333 rows of GPT-2's vocabulary).
+    let chunkBytes = 64L * 1024L * 1024L
 
     /// Rows per chunk for a vocabulary: as many as fit chunkBytes of float32 logits, spread evenly over the chunks.
     let chunkRows (rows: int64) (vocabSize: int64) =
@@ -36,26 +39,33 @@ module HeadLoss =
         let chunk = chunkRows rows vocab
         let scale = float32 (1.0 / float rows)
         let gradHidden = if gradients then torch.empty_like hidden else null
-        let gradWeight = if gradients then torch.empty_like weight else null
+        // A fresh vocab × C buffer every training step: huge pages make its first touch cheap.
+        let gradWeight = if gradients then NativeAllocator.emptyLike weight else null
+        use buffer = torch.empty([| vocab; chunk |], dtype = hidden.dtype, device = hidden.device) // (V, chunk)
+        NativeAllocator.adviseHugePages buffer |> ignore
         let mutable lossSum = 0.0
         let mutable start = 0L
         while start < rows do
             use scope = torch.NewDisposeScope()
             let count = min chunk (rows - start)
             let h = hidden.narrow(0L, start, count) // (R, C)
-            let t = targets.narrow(0L, start, count).unsqueeze(1L) // (R, 1)
-            let logits = h.mm(weight.t()) // (R, V)
-            // log-softmax in place (one chunk buffer instead of two): logits - logsumexp(logits)
-            let logProbabilities = logits.sub_(logits.logsumexp(1L, keepdim = true)) // (R, V)
-            lossSum <- lossSum - float (logProbabilities.gather(1L, t).sum().item<float32> ())
+            let t = targets.narrow(0L, start, count).unsqueeze(0L) // (1, R)
+            let logits = buffer.narrow(1L, 0L, count).addmm_(weight, h.t(), beta = 0.0f, alpha = 1.0f) // (V, R)
+            // The softmax in place, without logsumexp (which makes a temporary the size of the chunk): shift by the
+            // column maximum, pick the targets' shifted logits, exponentiate, sum; loss = log(sum) - shifted target.
+            let shifted = logits.sub_(logits.amax([| 0L |], keepdim = true)) // (V, R)
+            let picked = shifted.gather(0L, t) // (1, R)
+            let exponentials = shifted.exp_ () // (V, R), in place
+            let sums = exponentials.sum(0L, keepdim = true) // (1, R)
+            lossSum <- lossSum + float (sums.log().sub_(picked).sum().item<float32> ())
             if gradients then
                 // d loss / d logits = (softmax - one_hot(target)) / N
-                let probabilities = logProbabilities.exp_ () // (R, V), in place
-                let minusOne = torch.ones([| count; 1L |], dtype = probabilities.dtype).neg_ ()
-                probabilities.scatter_add_(1L, t, minusOne) |> ignore
-                gradHidden.narrow(0L, start, count).addmm_(probabilities, weight, beta = 0.0f, alpha = scale) |> ignore
+                let probabilities = exponentials.div_(sums) // (V, R), in place
+                let minusOne = torch.ones([| 1L; count |], dtype = probabilities.dtype).neg_ ()
+                probabilities.scatter_add_(0L, t, minusOne) |> ignore
+                gradHidden.narrow(0L, start, count).addmm_(probabilities.t(), weight, beta = 0.0f, alpha = scale) |> ignore
                 // The first chunk overwrites the uninitialised buffer (beta 0 ignores it), later chunks add.
-                gradWeight.addmm_(probabilities.t(), h, beta = (if start = 0L then 0.0f else 1.0f), alpha = scale) |> ignore
+                gradWeight.addmm_(probabilities, h, beta = (if start = 0L then 0.0f else 1.0f), alpha = scale) |> ignore
             start <- start + count
         lossSum / float rows, gradHidden, gradWeight
 
