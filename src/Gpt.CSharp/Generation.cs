@@ -44,7 +44,8 @@ public sealed record GenerationResult(int[] PromptIds, int[] NewIds, string Text
 }
 
 /// <summary>Generation speed.</summary>
-public sealed record GenerationBenchmark(int PromptTokens, int NewTokens, bool UsedKvCache, double FirstTokenSeconds, double Seconds, double TokensPerSecond);
+public sealed record GenerationBenchmark(int PromptTokens, int NewTokens, bool UsedKvCache, double FirstTokenSeconds, double Seconds, double TokensPerSecond,
+    IReadOnlyList<double> RunTokensPerSecond);
 
 public sealed partial class GptModel
 {
@@ -117,10 +118,11 @@ public sealed partial class GptModel
     }
 
     /// <summary>Greedy generation speed after a warm-up: <paramref name="newTokens"/> tokens after a prompt of
-    /// <paramref name="promptTokens"/> tokens, with or without the KV cache.</summary>
-    public GenerationBenchmark MeasureGeneration(int promptTokens = 8, int newTokens = 64, bool useKvCache = true)
+    /// <paramref name="promptTokens"/> tokens, with or without the KV cache; the median of <paramref name="runs"/> runs.</summary>
+    public GenerationBenchmark MeasureGeneration(int promptTokens = 8, int newTokens = 64, bool useKvCache = true, int runs = 3)
     {
-        var t = Generator.measureTokensPerSecond(LanguageModel, promptTokens, newTokens, useKvCache);
-        return new GenerationBenchmark(t.PromptTokens, t.NewTokens, t.UsedKvCache, t.FirstTokenSeconds, t.Seconds, t.TokensPerSecond);
+        var t = Generator.measureTokensPerSecond(LanguageModel, promptTokens, newTokens, useKvCache, runs);
+        return new GenerationBenchmark(t.PromptTokens, t.NewTokens, t.UsedKvCache, t.FirstTokenSeconds, t.Seconds, t.TokensPerSecond,
+            t.RunTokensPerSecond);
     }
 }

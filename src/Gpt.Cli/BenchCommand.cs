@@ -21,9 +21,9 @@ internal static class BenchCommand
     [
         ("machine", "machine", [], []),
         ("tokenizer", "tokenizer", [], ["--megabytes", "1"]),
-        ("generate", "generate", [], ["--new-tokens", "4"]),
-        ("generate-256", "generate", ["--new-tokens", "256"], ["--new-tokens", "8"]),
-        ("generate-256-no-cache", "generate", ["--new-tokens", "256", "--no-kv-cache"], ["--new-tokens", "8", "--no-kv-cache"]),
+        ("generate", "generate", [], ["--new-tokens", "4", "--runs", "1"]),
+        ("generate-256", "generate", ["--new-tokens", "256"], ["--new-tokens", "8", "--runs", "1"]),
+        ("generate-256-no-cache", "generate", ["--new-tokens", "256", "--no-kv-cache"], ["--new-tokens", "8", "--no-kv-cache", "--runs", "1"]),
         ("train-A", "train", ["--preset", "A"], ["--preset", "A", "--warmup", "0", "--steps", "1"]),
         ("train-B", "train", ["--preset", "B"], ["--preset", "B", "--warmup", "0", "--steps", "1"]),
         ("leak", "leak", [], ["--steps", "20", "--warmup", "5"]),

@@ -86,15 +86,18 @@ internal static class GenerateCommand
         var promptTokens = new Option<int>("--prompt-tokens") { Description = "Prompt length.", DefaultValueFactory = _ => 8 };
         var newTokens = new Option<int>("--new-tokens") { Description = "Tokens to generate.", DefaultValueFactory = _ => 64 };
         var noCache = new Option<bool>("--no-kv-cache") { Description = "Measure without the KV cache." };
-        var command = BenchCommand.Part(context, "generate", "Generation speed in tokens/s (greedy, after a warm-up).", parse =>
+        var runs = new Option<int>("--runs") { Description = "Timed runs; the figure is their median.", DefaultValueFactory = _ => 3 };
+        var command = BenchCommand.Part(context, "generate", "Generation speed in tokens/s (greedy, after a warm-up; median of several runs).", parse =>
         {
             var path = parse.GetValue(modelPath);
             using var model = path is null ? GptModel.Create(GptConfiguration.Gpt2Small, seed: 1) : GptModel.Load(path);
-            var t = model.MeasureGeneration(parse.GetValue(promptTokens), parse.GetValue(newTokens), !parse.GetValue(noCache));
+            var t = model.MeasureGeneration(parse.GetValue(promptTokens), parse.GetValue(newTokens), !parse.GetValue(noCache), parse.GetValue(runs));
             return new JsonObject
             {
                 ["tokens_per_s"] = Math.Round(t.TokensPerSecond, 2), ["prompt_tokens"] = t.PromptTokens, ["new_tokens"] = t.NewTokens,
                 ["kv_cache"] = t.UsedKvCache, ["seconds"] = Math.Round(t.Seconds, 3), ["first_token_s"] = Math.Round(t.FirstTokenSeconds, 4),
+                ["runs"] = t.RunTokensPerSecond.Count,
+                ["run_tokens_per_s"] = new JsonArray(t.RunTokensPerSecond.Select(r => (JsonNode?)Math.Round(r, 2)).ToArray()),
                 ["model"] = path ?? "gpt2-small (random weights)", ["parameters"] = model.ParameterCount,
             };
         });
@@ -102,6 +105,7 @@ internal static class GenerateCommand
         command.Add(promptTokens);
         command.Add(newTokens);
         command.Add(noCache);
+        command.Add(runs);
         return command;
     }
 }

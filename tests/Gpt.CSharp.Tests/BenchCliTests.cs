@@ -33,6 +33,25 @@ public class BenchCliTests
     }
 
     [Fact]
+    public void GenerateReportsTheMedianOfItsRuns()
+    {
+        var (code, output, error) = Cli.Run(null, "bench", "generate", "--model", Fixtures.TinyGpt2, "--new-tokens", "5", "--runs", "3",
+            "--format", "json");
+        Assert.True(code == 0, error);
+        var result = Object(output.Trim());
+        Assert.Equal("generate", result.GetProperty("part").GetString());
+        HasNumbers(result, "tokens_per_s", "seconds", "first_token_s");
+        Assert.Equal(3, result.GetProperty("runs").GetInt32());
+        var runs = result.GetProperty("run_tokens_per_s").EnumerateArray().Select(r => r.GetDouble()).OrderBy(r => r).ToArray();
+        Assert.Equal(3, runs.Length);
+        Assert.Equal(runs[1], result.GetProperty("tokens_per_s").GetDouble(), 2);
+        Assert.True(result.GetProperty("kv_cache").GetBoolean());
+        var (badCode, _, badError) = Cli.Run(null, "bench", "generate", "--model", Fixtures.TinyGpt2, "--runs", "0");
+        Assert.Equal(1, badCode);
+        Assert.Contains("at least 1 run, found 0", badError);
+    }
+
+    [Fact]
     public void LeakAndAllPrintOneObjectPerPartThenTheGoals()
     {
         var (code, output, error) = Cli.Run(null, "bench", "leak", "--steps", "12", "--warmup", "2", "--format", "json");

@@ -483,12 +483,15 @@ let generationTests =
             let model, language = tiny 30 8 16 2 1 2L
             use _ = model
             for useCache in [ true; false ] do
-                let result = Generator.measureTokensPerSecond language 4 10 useCache
+                let result = Generator.measureTokensPerSecond language 4 10 useCache 3
                 Expect.equal result.NewTokens 10 "10 new tokens (past the context of 8)"
+                Expect.equal result.RunTokensPerSecond.Length 3 "three runs"
+                Expect.contains result.RunTokensPerSecond result.TokensPerSecond "the figure is one of the runs (the median)"
                 Expect.equal result.PromptTokens 4 "4 prompt tokens"
                 Expect.equal result.UsedKvCache useCache "cache flag"
                 Expect.isGreaterThan result.TokensPerSecond 0.0 "a positive rate"
                 Expect.isGreaterThanOrEqual result.Seconds result.FirstTokenSeconds "first token within the total"
+            throwsGpt [ "at least 1 run, found 0" ] (fun () -> Generator.measureTokensPerSecond language 4 10 true 0 |> ignore) "runs"
     ]
 
 [<Tests>]

@@ -144,10 +144,12 @@ type Throughput =
       UsedKvCache: bool
       /// Time to the first new token (includes processing the prompt).
       FirstTokenSeconds: float
-      /// Time for all new tokens.
+      /// Time for all new tokens (the median run's).
       Seconds: float
-      /// NewTokens / Seconds.
-      TokensPerSecond: float }
+      /// NewTokens / Seconds: the median of the runs.
+      TokensPerSecond: float
+      /// Tokens per second of each timed run, in order.
+      RunTokensPerSecond: float[] }
 
 /// B token sequences of equal length and the model state that follows them. NextLogits gives the logits for the
 /// token after the last one, computed from the last ContextLength tokens (the book's sliding window), either by
@@ -415,10 +417,12 @@ module Generator =
         text.ToString()
 
     /// Greedy generation of newTokens tokens (no end-of-text stop) after a fixed prompt of promptTokens tokens,
-    /// timed after a warm-up run of up to 32 tokens. For `gpt bench generate`; the caller chooses the model and the sizes.
-    let measureTokensPerSecond (model: ILanguageModel) (promptTokens: int) (newTokens: int) (useKvCache: bool) : Throughput =
+    /// timed `runs` times after a warm-up run of up to 32 tokens; the result is the median run. For
+    /// `gpt bench generate`; the caller chooses the model and the sizes.
+    let measureTokensPerSecond (model: ILanguageModel) (promptTokens: int) (newTokens: int) (useKvCache: bool) (runs: int) : Throughput =
         if promptTokens < 1 then Errors.fail "the benchmark prompt needs at least 1 token, found %d" promptTokens
         if newTokens < 1 then Errors.fail "the benchmark needs at least 1 new token, found %d" newTokens
+        if runs < 1 then Errors.fail "the benchmark needs at least 1 run, found %d" runs
         let prompt = Array.init promptTokens (fun i -> (i * 7919 + 13) % model.VocabSize)
         let options =
             { GenerationOptions.defaults with
@@ -428,16 +432,23 @@ module Generator =
         // Warm-up: a process's first few dozen tokens are slower (51 ms instead of 29 for gpt2-small's first 10 here),
         // so a couple of tokens are not enough to measure the steady state.
         generate model { options with MaxNewTokens = min 32 newTokens } [ prompt ] |> ignore
-        let clock = Stopwatch.StartNew()
-        use run = new Run(model, options, 0L, [| 0, crop model prompt |])
-        run.Step() |> ignore
-        let first = clock.Elapsed.TotalSeconds
-        while run.Step() do
-            ()
-        let seconds = clock.Elapsed.TotalSeconds
+        let timed =
+            Array.init runs (fun _ ->
+                let clock = Stopwatch.StartNew()
+                use run = new Run(model, options, 0L, [| 0, crop model prompt |])
+                run.Step() |> ignore
+                let first = clock.Elapsed.TotalSeconds
+                while run.Step() do
+                    ()
+                let seconds = clock.Elapsed.TotalSeconds
+                (run.Completion 0).Tokens.Length, first, seconds)
+        // The median run by time (for an even count, the faster of the middle two).
+        let ordered = timed |> Array.sortBy (fun (_, _, seconds) -> seconds)
+        let generated, first, seconds = ordered[(runs - 1) / 2]
         { PromptTokens = promptTokens
-          NewTokens = (run.Completion 0).Tokens.Length
+          NewTokens = generated
           UsedKvCache = useKvCache
           FirstTokenSeconds = first
           Seconds = seconds
-          TokensPerSecond = float newTokens / seconds }
+          TokensPerSecond = float newTokens / seconds
+          RunTokensPerSecond = timed |> Array.map (fun (_, _, s) -> float newTokens / s) }
