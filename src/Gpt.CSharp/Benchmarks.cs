@@ -15,7 +15,10 @@ public sealed record MachineBenchmark(double MatmulGflops, double BandwidthGbps,
 public sealed record TokenizerBenchmark(double MegabytesPerSecond, double Megabytes, int Tokens, double Seconds);
 
 /// <summary>Median seconds of each part of a training step.</summary>
-public sealed record TrainStepBreakdown(double ZeroGradSeconds, double ForwardSeconds, double BackwardSeconds, double OptimizerSeconds);
+/// <summary>Median seconds of each part of a training step. Forward = Body (embeddings, blocks, final norm) + HeadAndLoss
+/// (the output head fused with the cross-entropy, which also computes the head's gradients, so Backward excludes them).</summary>
+public sealed record TrainStepBreakdown(double ZeroGradSeconds, double ForwardSeconds, double BackwardSeconds, double OptimizerSeconds,
+    double BodySeconds, double HeadAndLossSeconds);
 
 /// <summary>Training speed of a preset: tokens/s, model FLOPs utilisation against the matmul speed measured in the same
 /// process, peak memory, and where the time of a step goes.</summary>
@@ -62,7 +65,7 @@ public static class Benchmarks
         var b = r.Breakdown;
         return new TrainBenchmark(r.Preset, r.BatchSize, r.SequenceLength, r.Parameters, r.MatrixParameters, r.FlopsPerToken,
             r.TokensPerSecond, r.Mfu, r.MatmulGflops, r.PeakRssMb, r.StepSeconds, r.StepTimes,
-            new TrainStepBreakdown(b.ZeroGrad, b.Forward, b.Backward, b.Optimizer),
+            new TrainStepBreakdown(b.ZeroGrad, b.Forward, b.Backward, b.Optimizer, b.Body, b.HeadAndLoss),
             r.TensorsPerStep, r.PageFaultsPerStep, r.WarmupSteps, r.TimedSteps, r.FirstLoss, r.LastLoss);
     }
 

@@ -45,7 +45,7 @@ public sealed record GenerationResult(int[] PromptIds, int[] NewIds, string Text
 
 /// <summary>Generation speed.</summary>
 public sealed record GenerationBenchmark(int PromptTokens, int NewTokens, bool UsedKvCache, double FirstTokenSeconds, double Seconds, double TokensPerSecond,
-    IReadOnlyList<double> RunTokensPerSecond);
+    IReadOnlyList<double> RunTokensPerSecond, double TensorsPerToken);
 
 public sealed partial class GptModel
 {
@@ -123,6 +123,6 @@ public sealed partial class GptModel
     {
         var t = Generator.measureTokensPerSecond(LanguageModel, promptTokens, newTokens, useKvCache, runs);
         return new GenerationBenchmark(t.PromptTokens, t.NewTokens, t.UsedKvCache, t.FirstTokenSeconds, t.Seconds, t.TokensPerSecond,
-            t.RunTokensPerSecond);
+            t.RunTokensPerSecond, t.TensorsPerToken);
     }
 }

@@ -131,6 +131,7 @@ internal static class BenchCommand
                     ["breakdown_s"] = new JsonObject
                     {
                         ["zero_grad"] = Math.Round(b.ZeroGradSeconds, 4), ["forward_and_loss"] = Math.Round(b.ForwardSeconds, 4),
+                        ["body_forward"] = Math.Round(b.BodySeconds, 4), ["head_and_loss_with_head_gradients"] = Math.Round(b.HeadAndLossSeconds, 4),
                         ["backward"] = Math.Round(b.BackwardSeconds, 4), ["optimizer"] = Math.Round(b.OptimizerSeconds, 4),
                     },
                     ["tensors_per_step"] = Math.Round(r.TensorsPerStep, 1), ["page_faults_per_step"] = Math.Round(r.PageFaultsPerStep),

@@ -96,7 +96,7 @@ internal static class GenerateCommand
             {
                 ["tokens_per_s"] = Math.Round(t.TokensPerSecond, 2), ["prompt_tokens"] = t.PromptTokens, ["new_tokens"] = t.NewTokens,
                 ["kv_cache"] = t.UsedKvCache, ["seconds"] = Math.Round(t.Seconds, 3), ["first_token_s"] = Math.Round(t.FirstTokenSeconds, 4),
-                ["runs"] = t.RunTokensPerSecond.Count,
+                ["runs"] = t.RunTokensPerSecond.Count, ["tensors_per_token"] = Math.Round(t.TensorsPerToken, 1),
                 ["run_tokens_per_s"] = new JsonArray(t.RunTokensPerSecond.Select(r => (JsonNode?)Math.Round(r, 2)).ToArray()),
                 ["model"] = path ?? "gpt2-small (random weights)", ["parameters"] = model.ParameterCount,
             };

@@ -27,7 +27,7 @@ public class BenchCliTests
         HasNumbers(result, "tokens_per_s", "mfu", "peak_rss_mb", "matmul_gflops", "step_s", "flops_per_token", "page_faults_per_step");
         Assert.Equal(16_011_520, result.GetProperty("matrix_parameters").GetInt64());
         Assert.Equal(28_953_600, result.GetProperty("parameters").GetInt64());
-        HasNumbers(result.GetProperty("breakdown_s"), "forward_and_loss", "backward", "optimizer");
+        HasNumbers(result.GetProperty("breakdown_s"), "forward_and_loss", "body_forward", "head_and_loss_with_head_gradients", "backward", "optimizer");
         Assert.True(result.GetProperty("mfu").GetDouble() > 0);
         Assert.True(result.GetProperty("machine").TryGetProperty("torch_threads", out _));
     }

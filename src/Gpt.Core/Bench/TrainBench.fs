@@ -67,8 +67,13 @@ module TrainBench =
     type StepBreakdown =
         { /// Optimizer.ZeroGrad.
           ZeroGrad: float
-          /// Model forward and cross-entropy (for a GptModel: with the head's gradients, see HeadLoss).
+          /// Model forward and cross-entropy: Body + HeadAndLoss.
           Forward: float
+          /// Embeddings, blocks and final norm (GptModel.HiddenStates).
+          Body: float
+          /// Output head and cross-entropy, fused, with the head's gradients (GptModel.LossOfHidden, HeadLoss): the head's
+          /// share of the backward work is done here.
+          HeadAndLoss: float
           Backward: float
           /// AdamW step.
           Optimizer: float }
@@ -134,16 +139,19 @@ module TrainBench =
             seconds
         optimizer.ZeroGrad()
         let zeroGrad = lap ()
-        // What the trainer runs: for a GptModel, the body and then the head fused with the cross-entropy.
-        let loss = Loss.batch model inputs targets
-        let forward = lap ()
+        // What the trainer runs (Loss.batch: for a GptModel, GptModel.Loss), in its two halves.
+        let hidden = model.HiddenStates inputs
+        let body = lap ()
+        let loss = model.LossOfHidden(hidden, targets)
+        let headAndLoss = lap ()
         loss.backward ()
         let backward = lap ()
         optimizer.Step()
         let optimizerSeconds = lap ()
         let value = float (loss.item<float32> ())
         value,
-        { ZeroGrad = zeroGrad; Forward = forward; Backward = backward; Optimizer = optimizerSeconds }
+        { ZeroGrad = zeroGrad; Forward = body + headAndLoss; Body = body; HeadAndLoss = headAndLoss; Backward = backward
+          Optimizer = optimizerSeconds }
 
     /// Trains a fresh model of the preset (seeded) for `warmup` untimed and `steps` timed steps on built-in-story
     /// tokens, with AdamW (the book's settings: lr 4e-4, weight decay 0.1 on the matrices).
@@ -191,8 +199,8 @@ module TrainBench =
           StepSeconds = stepSeconds
           StepTimes = stepTimes
           Breakdown =
-            { ZeroGrad = median _.ZeroGrad; Forward = median _.Forward
-              Backward = median _.Backward; Optimizer = median _.Optimizer }
+            { ZeroGrad = median _.ZeroGrad; Forward = median _.Forward; Body = median _.Body
+              HeadAndLoss = median _.HeadAndLoss; Backward = median _.Backward; Optimizer = median _.Optimizer }
           TensorsPerStep = tensors
           PageFaultsPerStep = faults
           WarmupSteps = warmup

@@ -149,7 +149,9 @@ type Throughput =
       /// NewTokens / Seconds: the median of the runs.
       TokensPerSecond: float
       /// Tokens per second of each timed run, in order.
-      RunTokensPerSecond: float[] }
+      RunTokensPerSecond: float[]
+      /// Tensor handles created per new token (the median run's): each is a .NET ↔ libtorch crossing.
+      TensorsPerToken: float }
 
 /// B token sequences of equal length and the model state that follows them. NextLogits gives the logits for the
 /// token after the last one, computed from the last ContextLength tokens (the book's sliding window), either by
@@ -434,6 +436,9 @@ module Generator =
         generate model { options with MaxNewTokens = min 32 newTokens } [ prompt ] |> ignore
         let timed =
             Array.init runs (fun _ ->
+                let statistics = DisposeScopeManager.Statistics
+                let created () = statistics.CreatedInScopeCount + statistics.CreatedOutsideScopeCount
+                let tensorsBefore = created ()
                 let clock = Stopwatch.StartNew()
                 use run = new Run(model, options, 0L, [| 0, crop model prompt |])
                 run.Step() |> ignore
@@ -441,14 +446,16 @@ module Generator =
                 while run.Step() do
                     ()
                 let seconds = clock.Elapsed.TotalSeconds
-                (run.Completion 0).Tokens.Length, first, seconds)
+                let tensors = float (created () - tensorsBefore)
+                (run.Completion 0).Tokens.Length, first, seconds, tensors)
         // The median run by time (for an even count, the faster of the middle two).
-        let ordered = timed |> Array.sortBy (fun (_, _, seconds) -> seconds)
-        let generated, first, seconds = ordered[(runs - 1) / 2]
+        let ordered = timed |> Array.sortBy (fun (_, _, seconds, _) -> seconds)
+        let generated, first, seconds, tensors = ordered[(runs - 1) / 2]
         { PromptTokens = promptTokens
           NewTokens = generated
           UsedKvCache = useKvCache
           FirstTokenSeconds = first
           Seconds = seconds
           TokensPerSecond = float newTokens / seconds
-          RunTokensPerSecond = timed |> Array.map (fun (_, _, s) -> float newTokens / s) }
+          RunTokensPerSecond = timed |> Array.map (fun (_, _, s, _) -> float newTokens / s)
+          TensorsPerToken = tensors / float newTokens }

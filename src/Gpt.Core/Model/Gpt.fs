@@ -152,8 +152,9 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
         use normalised = ln_f.forward x
         if isNull lm_head then functional.linear(normalised, this.HeadWeight) else lm_head.forward normalised
 
-    /// Embeddings, blocks and final norm: ids (B, T) -> the normalised last hidden states (B, T, C).
-    member private _.Hidden(ids: torch.Tensor) =
+    /// Embeddings, blocks and final norm: ids (B, T) -> the normalised last hidden states (B, T, C), what the head
+    /// multiplies. `forward` is the head applied to these; `Loss` is LossOfHidden applied to these.
+    member _.HiddenStates(ids: torch.Tensor) =
         TokenIds.check config.VocabSize config.ContextLength ids
         use scope = torch.NewDisposeScope()
         let positions = torch.arange(ids.shape[1], device = ids.device) // (T)
@@ -166,7 +167,7 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
 
     override this.forward(ids: torch.Tensor) =
         use scope = torch.NewDisposeScope()
-        let normalised = this.Hidden ids // (B, T, C)
+        let normalised = this.HiddenStates ids // (B, T, C)
         let logits = if isNull lm_head then functional.linear(normalised, this.HeadWeight) else lm_head.forward normalised
         logits.MoveToOuterDisposeScope() // (B, T, vocab)
 
@@ -177,8 +178,18 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
         if targets.dim () <> 2L || ids.dim () <> 2L || targets.shape[0] <> ids.shape[0] || targets.shape[1] <> ids.shape[1] then
             Errors.fail "targets must have the shape of the inputs %s, found %s" (Errors.shapeText ids.shape) (Errors.shapeText targets.shape)
         use scope = torch.NewDisposeScope()
-        let hidden = this.Hidden ids // (B, T, C)
-        let flat = hidden.view(-1L, int64 config.EmbeddingDim) // (B*T, C)
+        let hidden = this.HiddenStates ids // (B, T, C)
+        this.LossOfHidden(hidden, targets).MoveToOuterDisposeScope()
+
+    /// The second half of Loss: the head and the cross-entropy, fused, over hidden states (B, T, C) from
+    /// HiddenStates against targets (B, T). With autograd on, the head's gradients are computed here (HeadLoss).
+    member this.LossOfHidden(hidden: torch.Tensor, targets: torch.Tensor) : torch.Tensor =
+        if hidden.dim () <> 3L || hidden.shape[2] <> int64 config.EmbeddingDim || targets.dim () <> 2L
+           || targets.shape[0] <> hidden.shape[0] || targets.shape[1] <> hidden.shape[1] then
+            Errors.fail "hidden states %s and targets %s do not fit (expected [B, T, %d] and [B, T])"
+                (Errors.shapeText hidden.shape) (Errors.shapeText targets.shape) config.EmbeddingDim
+        use scope = torch.NewDisposeScope()
+        let flat = hidden.reshape(-1L, int64 config.EmbeddingDim) // (B*T, C)
         let loss = HeadLoss.crossEntropy flat this.HeadWeight (targets.flatten().to_type(torch.int64)) // ()
         loss.MoveToOuterDisposeScope()
 
