@@ -176,20 +176,42 @@ internal static class BenchCommand
         {
             Description = "Comma-separated labels to run: " + string.Join(", ", Plan.Select(p => p.Label)) + " (default: all).",
         };
+        var inProcess = new Option<bool>("--in-process")
+        {
+            Description = "Run every part in this process (by default each runs in a fresh gpt process, so that no part inherits "
+                + "another's memory or allocator state).",
+        };
         var format = Commands.FormatOption("json");
-        var command = new Command("all", "Every part of the suite in turn, one JSON object per part, then the goals met or not.") { quick, only, format };
+        var command = new Command("all", "Every part of the suite in turn, one JSON object per part, then the goals met or not.")
+        {
+            quick, only, inProcess, format,
+        };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
             var labels = parse.GetValue(only)?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
             var unknown = labels?.Where(l => Plan.All(p => p.Label != l)).ToList() ?? [];
             if (unknown.Count > 0)
                 throw new GptException($"unknown bench part '{unknown[0]}': expected one of {string.Join(", ", Plan.Select(p => p.Label))}");
+            // A fresh process per part where this process is the gpt command itself (not a host such as a test runner).
+            var self = parse.GetValue(inProcess) ? null : SelfCommand();
             var results = new Dictionary<string, JsonObject>();
             foreach (var (label, partName, options, quickOptions) in Plan)
             {
                 if (labels is not null && !labels.Contains(label)) continue;
-                var part = bench.Subcommands.OfType<BenchPart>().Single(c => c.Name == partName);
-                var result = Measured(label, () => part.Measure(part.Parse(parse.GetValue(quick) ? quickOptions : options)));
+                var partOptions = parse.GetValue(quick) ? quickOptions : options;
+                JsonObject result;
+                if (self is { } command)
+                {
+                    result = RunChild(command.File, [.. command.Prefix, "bench", partName, .. partOptions, "--format", "json"], label);
+                    result["part"] = label;
+                    result["process"] = "own";
+                }
+                else
+                {
+                    var part = bench.Subcommands.OfType<BenchPart>().Single(c => c.Name == partName);
+                    result = Measured(label, () => part.Measure(part.Parse(partOptions)));
+                    result["process"] = "shared";
+                }
                 results[label] = result;
                 Commands.Print(context, parse.GetValue(format)!, result);
                 context.Output.Flush();
@@ -198,6 +220,36 @@ internal static class BenchCommand
             return 0;
         }));
         return command;
+    }
+
+    /// <summary>How to start this gpt command again: the apphost, or <c>dotnet gpt.dll</c>; null when this process is
+    /// something else hosting the CLI (a test runner).</summary>
+    internal static (string File, string[] Prefix)? SelfCommand()
+    {
+        var processPath = Environment.ProcessPath;
+        var entry = System.Reflection.Assembly.GetEntryAssembly();
+        if (processPath is null || entry is null || entry.GetName().Name != "gpt" || string.IsNullOrEmpty(entry.Location)) return null;
+        return Path.GetFileNameWithoutExtension(processPath) == "dotnet" ? (processPath, [entry.Location]) : (processPath, []);
+    }
+
+    /// <summary>Runs one part in a child process and returns its JSON object (the last line it printed).</summary>
+    private static JsonObject RunChild(string file, IEnumerable<string> arguments, string label)
+    {
+        var start = new System.Diagnostics.ProcessStartInfo(file)
+        {
+            RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false,
+        };
+        foreach (var argument in arguments) start.ArgumentList.Add(argument);
+        using var process = System.Diagnostics.Process.Start(start)
+            ?? throw new GptException($"bench part '{label}': could not start {file}");
+        var error = process.StandardError.ReadToEndAsync();
+        var output = process.StandardOutput.ReadToEnd();
+        process.WaitForExit();
+        var lines = output.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        if (process.ExitCode != 0 || lines.Length == 0)
+            throw new GptException($"bench part '{label}' failed (exit code {process.ExitCode}): {error.Result.Trim()}");
+        return JsonNode.Parse(lines[^1]) as JsonObject
+            ?? throw new GptException($"bench part '{label}' printed no JSON object: {lines[^1]}");
     }
 
     /// <summary>The goals of the benchmark issue against the figures measured (only those whose parts ran).</summary>

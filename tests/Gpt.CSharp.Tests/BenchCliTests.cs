@@ -68,6 +68,32 @@ public class BenchCliTests
         var goals = lines[2].GetProperty("goals").EnumerateArray().Select(g => g.GetProperty("what").GetString()).ToList();
         Assert.Equal(new[] { "leak: RSS growth (%)", "leak: live tensors growth" }, goals.ToArray());
         Assert.True(lines[2].GetProperty("quick").GetBoolean());
+        // Hosted by the test runner, the parts run in this process.
+        Assert.Equal("shared", lines[0].GetProperty("process").GetString());
+    }
+
+    [Fact]
+    public async Task AllRunsEachPartInItsOwnProcessWhenItIsTheGptCommand()
+    {
+        // The built CLI (this project references it) started as a process, as a user would.
+        var start = new System.Diagnostics.ProcessStartInfo("dotnet",
+            [Path.Combine(AppContext.BaseDirectory, "gpt.dll"), "bench", "all", "--quick", "--only", "machine,tokenizer"])
+        {
+            RedirectStandardOutput = true, RedirectStandardError = true,
+        };
+        using var process = System.Diagnostics.Process.Start(start)!;
+        var errorTask = process.StandardError.ReadToEndAsync();
+        var output = await process.StandardOutput.ReadToEndAsync();
+        await process.WaitForExitAsync();
+        var error = await errorTask;
+        Assert.True(process.ExitCode == 0, error);
+        var lines = output.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(Object).ToList();
+        Assert.Equal(new[] { "machine", "tokenizer", "goals" }, lines.Select(l => l.GetProperty("part").GetString()).ToArray());
+        Assert.Equal("own", lines[0].GetProperty("process").GetString());
+        Assert.Equal("own", lines[1].GetProperty("process").GetString());
+        HasNumbers(lines[1], "mb_per_s");
+        var goals = lines[2].GetProperty("goals").EnumerateArray().Select(g => g.GetProperty("what").GetString()).ToList();
+        Assert.Equal(new[] { "tokenizer: MB/s" }, goals.ToArray());
     }
 
     [Fact]

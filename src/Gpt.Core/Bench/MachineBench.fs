@@ -13,12 +13,14 @@ module MachineBench =
           BandwidthGbps: float
           Machine: Measure.MachineInfo }
 
-    /// fp32 matrix product n×n×n through libtorch: 2n³ floating-point operations per product.
+    /// fp32 matrix product n×n×n through libtorch: 2n³ floating-point operations per product, the median of `runs`
+    /// products after 10 untimed ones. (This machine's rate moved between 123 and 170 GFLOP/s from one second to the
+    /// next; dozens of ~12 ms products make the median steadier than a handful.)
     let matmulGflops (size: int) (runs: int) =
         use _ = torch.no_grad ()
         use a = torch.randn(int64 size, int64 size)
         use b = torch.randn(int64 size, int64 size)
-        let seconds = Measure.time 2 runs (fun () -> (torch.mm(a, b)).Dispose())
+        let seconds = Measure.time 10 runs (fun () -> (torch.mm(a, b)).Dispose())
         2.0 * float size ** 3.0 / Measure.median seconds / 1e9
 
     /// Memory bandwidth: copying a 256 MB buffer reads and writes every byte once.
@@ -31,7 +33,7 @@ module MachineBench =
         2.0 * float elements * 4.0 / Measure.median seconds / 1e9
 
     let machine () =
-        { MatmulGflops = Math.Round(matmulGflops 1024 10, 1)
+        { MatmulGflops = Math.Round(matmulGflops 1024 50, 1)
           BandwidthGbps = Math.Round(bandwidthGbps 256 5, 2)
           Machine = Measure.machine () }
 

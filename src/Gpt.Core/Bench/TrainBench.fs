@@ -163,7 +163,7 @@ module TrainBench =
         GC.WaitForPendingFinalizers()
         NativeAllocator.releaseFreeMemory () |> ignore
         Measure.resetPeakRss ()
-        let matmulBefore = MachineBench.matmulGflops 1024 10
+        let matmulBefore = MachineBench.matmulGflops 1024 50
         use model = new GptModel(preset.Config, int64 seed)
         model.train ()
         use optimizer = Optimizer.adamW Optimizer.defaults model
@@ -183,7 +183,7 @@ module TrainBench =
         let stepTimes = Array.map total breakdowns
         let median (part: StepBreakdown -> float) = Measure.median (Array.map part breakdowns)
         let peak = Measure.peakRssMb ()
-        let matmul = max matmulBefore (MachineBench.matmulGflops 1024 10)
+        let matmul = max matmulBefore (MachineBench.matmulGflops 1024 50)
         let stepSeconds = Measure.median stepTimes
         let tokensPerSecond = float (preset.BatchSize * preset.SequenceLength) / stepSeconds
         { Preset = preset.Name
