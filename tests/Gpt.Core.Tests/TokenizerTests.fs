@@ -20,7 +20,7 @@ let validText =
             5, Gen.elements [ ' '; ' '; '\n'; '\t'; '\''; 's'; 'a'; 'Z'; '1'; '.'; '!' ] |> Gen.map string
             3, Gen.choose (0x20, 0x7E) |> Gen.map (char >> string)
             2, Gen.choose (0xA0, 0xD7FF) |> Gen.map (char >> string)
-            1, Gen.choose (0xE000, 0xFFFD) |> Gen.map (char >> string)
+            1, Gen.choose (0xE000, 0xFFFC) |> Gen.map (char >> string) // not U+FFFD: the stream test treats it as a broken decode
             2, Gen.choose (0x10000, 0x10FFFF) |> Gen.map Char.ConvertFromUtf32
         ]
     Gen.listOf scalar |> Gen.map (String.concat "") |> Arb.fromGen
