@@ -121,8 +121,19 @@ public sealed partial class GptModel
     /// <paramref name="promptTokens"/> tokens, with or without the KV cache; the median of <paramref name="runs"/> runs.</summary>
     public GenerationBenchmark MeasureGeneration(int promptTokens = 8, int newTokens = 64, bool useKvCache = true, int runs = 3)
     {
-        var t = Generator.measureTokensPerSecond(LanguageModel, promptTokens, newTokens, useKvCache, runs);
-        return new GenerationBenchmark(t.PromptTokens, t.NewTokens, t.UsedKvCache, t.FirstTokenSeconds, t.Seconds, t.TokensPerSecond,
-            t.RunTokensPerSecond, t.TensorsPerToken);
+        return ToBenchmark(Generator.measureTokensPerSecond(LanguageModel, promptTokens, newTokens, useKvCache, runs));
     }
+
+    /// <summary>The KV cache's speed-up as a paired comparison: <paramref name="runs"/> runs with the cache and as many
+    /// without, alternating, so that both see the same machine. Returns both medians and their ratio.</summary>
+    public (GenerationBenchmark WithCache, GenerationBenchmark WithoutCache, double Speedup) CompareKvCache(int promptTokens = 8,
+        int newTokens = 256, int runs = 3)
+    {
+        var (cached, uncached, speedup) = Generator.compareKvCache(LanguageModel, promptTokens, newTokens, runs).ToValueTuple();
+        return (ToBenchmark(cached), ToBenchmark(uncached), speedup);
+    }
+
+    private static GenerationBenchmark ToBenchmark(Throughput t) =>
+        new(t.PromptTokens, t.NewTokens, t.UsedKvCache, t.FirstTokenSeconds, t.Seconds, t.TokensPerSecond, t.RunTokensPerSecond,
+            t.TensorsPerToken);
 }

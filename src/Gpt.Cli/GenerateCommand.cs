@@ -87,25 +87,42 @@ internal static class GenerateCommand
         var newTokens = new Option<int>("--new-tokens") { Description = "Tokens to generate.", DefaultValueFactory = _ => 64 };
         var noCache = new Option<bool>("--no-kv-cache") { Description = "Measure without the KV cache." };
         var runs = new Option<int>("--runs") { Description = "Timed runs; the figure is their median.", DefaultValueFactory = _ => 3 };
+        var compare = new Option<bool>("--compare-kv-cache")
+        {
+            Description = "Runs with and without the KV cache, alternating, and reports both and the speed-up (kv_cache_speedup).",
+        };
         var command = BenchCommand.Part(context, "generate", "Generation speed in tokens/s (greedy, after a warm-up; median of several runs).", parse =>
         {
             var path = parse.GetValue(modelPath);
             using var model = path is null ? GptModel.Create(GptConfiguration.Gpt2Small, seed: 1) : GptModel.Load(path);
-            var t = model.MeasureGeneration(parse.GetValue(promptTokens), parse.GetValue(newTokens), !parse.GetValue(noCache), parse.GetValue(runs));
-            return new JsonObject
+            JsonObject Figures(GenerationBenchmark t) => new()
             {
                 ["tokens_per_s"] = Math.Round(t.TokensPerSecond, 2), ["prompt_tokens"] = t.PromptTokens, ["new_tokens"] = t.NewTokens,
                 ["kv_cache"] = t.UsedKvCache, ["seconds"] = Math.Round(t.Seconds, 3), ["first_token_s"] = Math.Round(t.FirstTokenSeconds, 4),
                 ["runs"] = t.RunTokensPerSecond.Count, ["tensors_per_token"] = Math.Round(t.TensorsPerToken, 1),
                 ["run_tokens_per_s"] = new JsonArray(t.RunTokensPerSecond.Select(r => (JsonNode?)Math.Round(r, 2)).ToArray()),
-                ["model"] = path ?? "gpt2-small (random weights)", ["parameters"] = model.ParameterCount,
             };
+            JsonObject result;
+            if (parse.GetValue(compare))
+            {
+                var (cached, uncached, speedup) = model.CompareKvCache(parse.GetValue(promptTokens), parse.GetValue(newTokens), parse.GetValue(runs));
+                result = Figures(cached);
+                result["no_cache_tokens_per_s"] = Math.Round(uncached.TokensPerSecond, 2);
+                result["no_cache_run_tokens_per_s"] = new JsonArray(uncached.RunTokensPerSecond.Select(r => (JsonNode?)Math.Round(r, 2)).ToArray());
+                result["kv_cache_speedup"] = Math.Round(speedup, 2);
+            }
+            else
+                result = Figures(model.MeasureGeneration(parse.GetValue(promptTokens), parse.GetValue(newTokens), !parse.GetValue(noCache), parse.GetValue(runs)));
+            result["model"] = path ?? "gpt2-small (random weights)";
+            result["parameters"] = model.ParameterCount;
+            return result;
         });
         command.Add(modelPath);
         command.Add(promptTokens);
         command.Add(newTokens);
         command.Add(noCache);
         command.Add(runs);
+        command.Add(compare);
         return command;
     }
 }

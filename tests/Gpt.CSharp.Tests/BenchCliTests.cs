@@ -46,6 +46,14 @@ public class BenchCliTests
         Assert.Equal(3, runs.Length);
         Assert.Equal(runs[1], result.GetProperty("tokens_per_s").GetDouble(), 2);
         Assert.True(result.GetProperty("kv_cache").GetBoolean());
+        var (compareCode, compareOutput, compareError) = Cli.Run(null, "bench", "generate", "--model", Fixtures.TinyGpt2, "--new-tokens", "5",
+            "--runs", "2", "--compare-kv-cache", "--format", "json");
+        Assert.True(compareCode == 0, compareError);
+        var compared = Object(compareOutput.Trim());
+        HasNumbers(compared, "tokens_per_s", "no_cache_tokens_per_s", "kv_cache_speedup");
+        Assert.Equal(2, compared.GetProperty("no_cache_run_tokens_per_s").GetArrayLength());
+        Assert.Equal(compared.GetProperty("tokens_per_s").GetDouble() / compared.GetProperty("no_cache_tokens_per_s").GetDouble(),
+            compared.GetProperty("kv_cache_speedup").GetDouble(), 1);
         var (badCode, _, badError) = Cli.Run(null, "bench", "generate", "--model", Fixtures.TinyGpt2, "--runs", "0");
         Assert.Equal(1, badCode);
         Assert.Contains("at least 1 run, found 0", badError);

@@ -492,6 +492,16 @@ let generationTests =
                 Expect.isGreaterThan result.TokensPerSecond 0.0 "a positive rate"
                 Expect.isGreaterThanOrEqual result.Seconds result.FirstTokenSeconds "first token within the total"
             throwsGpt [ "at least 1 run, found 0" ] (fun () -> Generator.measureTokensPerSecond language 4 10 true 0 |> ignore) "runs"
+
+        testCase "compareKvCache pairs runs with and without the cache" <| fun () ->
+            let model, language = tiny 30 8 16 2 1 2L
+            use _ = model
+            let cached, uncached, speedup = Generator.compareKvCache language 4 10 3
+            Expect.isTrue cached.UsedKvCache "first: with the cache"
+            Expect.isFalse uncached.UsedKvCache "second: without"
+            Expect.equal (cached.RunTokensPerSecond.Length, uncached.RunTokensPerSecond.Length) (3, 3) "three runs each"
+            Expect.equal (cached.NewTokens, uncached.NewTokens) (10, 10) "10 new tokens each"
+            Expect.floatClose Accuracy.high speedup (cached.TokensPerSecond / uncached.TokensPerSecond) "the ratio of the medians"
     ]
 
 [<Tests>]

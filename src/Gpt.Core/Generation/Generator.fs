@@ -418,39 +418,38 @@ module Generator =
             text.Append piece |> ignore
         text.ToString()
 
-    /// Greedy generation of newTokens tokens (no end-of-text stop) after a fixed prompt of promptTokens tokens,
-    /// timed `runs` times after a warm-up run of up to 32 tokens; the result is the median run. For
-    /// `gpt bench generate`; the caller chooses the model and the sizes.
-    let measureTokensPerSecond (model: ILanguageModel) (promptTokens: int) (newTokens: int) (useKvCache: bool) (runs: int) : Throughput =
+    /// The benchmark's greedy options and fixed prompt; checks the sizes.
+    let private benchmarkSetup (model: ILanguageModel) (promptTokens: int) (newTokens: int) (runs: int) =
         if promptTokens < 1 then Errors.fail "the benchmark prompt needs at least 1 token, found %d" promptTokens
         if newTokens < 1 then Errors.fail "the benchmark needs at least 1 new token, found %d" newTokens
         if runs < 1 then Errors.fail "the benchmark needs at least 1 run, found %d" runs
         let prompt = Array.init promptTokens (fun i -> (i * 7919 + 13) % model.VocabSize)
-        let options =
-            { GenerationOptions.defaults with
-                MaxNewTokens = newTokens
-                EndOfTextId = None
-                UseKvCache = useKvCache }
-        // Warm-up: a process's first few dozen tokens are slower (51 ms instead of 29 for gpt2-small's first 10 here),
-        // so a couple of tokens are not enough to measure the steady state.
-        generate model { options with MaxNewTokens = min 32 newTokens } [ prompt ] |> ignore
-        let timed =
-            Array.init runs (fun _ ->
-                let statistics = DisposeScopeManager.Statistics
-                let created () = statistics.CreatedInScopeCount + statistics.CreatedOutsideScopeCount
-                let tensorsBefore = created ()
-                let clock = Stopwatch.StartNew()
-                use run = new Run(model, options, 0L, [| 0, crop model prompt |])
-                run.Step() |> ignore
-                let first = clock.Elapsed.TotalSeconds
-                while run.Step() do
-                    ()
-                let seconds = clock.Elapsed.TotalSeconds
-                let tensors = float (created () - tensorsBefore)
-                (run.Completion 0).Tokens.Length, first, seconds, tensors)
-        // The median run by time (for an even count, the faster of the middle two).
+        let options = { GenerationOptions.defaults with MaxNewTokens = newTokens; EndOfTextId = None }
+        prompt, options
+
+    /// Warm-up: a process's first few dozen tokens are slower (51 ms instead of 29 for gpt2-small's first 10 here),
+    /// so a couple of tokens are not enough to measure the steady state.
+    let private warmUp (model: ILanguageModel) (options: GenerationOptions) (prompt: int[]) =
+        generate model { options with MaxNewTokens = min 32 options.MaxNewTokens } [ prompt ] |> ignore
+
+    /// One timed generation: tokens generated, seconds to the first, seconds in all, tensor handles made.
+    let private timedRun (model: ILanguageModel) (options: GenerationOptions) (prompt: int[]) =
+        let statistics = DisposeScopeManager.Statistics
+        let created () = statistics.CreatedInScopeCount + statistics.CreatedOutsideScopeCount
+        let tensorsBefore = created ()
+        let clock = Stopwatch.StartNew()
+        use run = new Run(model, options, 0L, [| 0, crop model prompt |])
+        run.Step() |> ignore
+        let first = clock.Elapsed.TotalSeconds
+        while run.Step() do
+            ()
+        let seconds = clock.Elapsed.TotalSeconds
+        (run.Completion 0).Tokens.Length, first, seconds, float (created () - tensorsBefore)
+
+    /// The median of timed runs (by time; for an even count, the faster of the middle two).
+    let private summarise (promptTokens: int) (newTokens: int) (useKvCache: bool) (timed: (int * float * float * float)[]) =
         let ordered = timed |> Array.sortBy (fun (_, _, seconds, _) -> seconds)
-        let generated, first, seconds, tensors = ordered[(runs - 1) / 2]
+        let generated, first, seconds, tensors = ordered[(timed.Length - 1) / 2]
         { PromptTokens = promptTokens
           NewTokens = generated
           UsedKvCache = useKvCache
@@ -459,3 +458,25 @@ module Generator =
           TokensPerSecond = float newTokens / seconds
           RunTokensPerSecond = timed |> Array.map (fun (_, _, s, _) -> float newTokens / s)
           TensorsPerToken = tensors / float newTokens }
+
+    /// Greedy generation of newTokens tokens (no end-of-text stop) after a fixed prompt of promptTokens tokens,
+    /// timed `runs` times after a warm-up run of up to 32 tokens; the result is the median run. For
+    /// `gpt bench generate`; the caller chooses the model and the sizes.
+    let measureTokensPerSecond (model: ILanguageModel) (promptTokens: int) (newTokens: int) (useKvCache: bool) (runs: int) : Throughput =
+        let prompt, options = benchmarkSetup model promptTokens newTokens runs
+        let options = { options with UseKvCache = useKvCache }
+        warmUp model options prompt
+        Array.init runs (fun _ -> timedRun model options prompt) |> summarise promptTokens newTokens useKvCache
+
+    /// The KV cache's speed-up, measured as a paired comparison: `runs` runs with the cache and `runs` without,
+    /// alternating, so that both see the same machine (this one's speed drifts by ±10% over minutes). Returns the
+    /// median with the cache, the median without, and their ratio.
+    let compareKvCache (model: ILanguageModel) (promptTokens: int) (newTokens: int) (runs: int) : Throughput * Throughput * float =
+        let prompt, options = benchmarkSetup model promptTokens newTokens runs
+        let cached, uncached = { options with UseKvCache = true }, { options with UseKvCache = false }
+        warmUp model cached prompt
+        warmUp model uncached prompt
+        let pairs = Array.init runs (fun _ -> timedRun model cached prompt, timedRun model uncached prompt)
+        let withCache = pairs |> Array.map fst |> summarise promptTokens newTokens true
+        let withoutCache = pairs |> Array.map snd |> summarise promptTokens newTokens false
+        withCache, withoutCache, withCache.TokensPerSecond / withoutCache.TokensPerSecond
