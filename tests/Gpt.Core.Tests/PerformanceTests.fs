@@ -243,6 +243,37 @@ let zeroGradTests =
     ]
 
 [<Tests>]
+let splitLinearTests =
+    testList "one-token linear on two threads" [
+        testCase "equals functional.linear for one row (with and without bias), leaves no live tensor, keeps autograd" <| fun () ->
+            use weight = randn 41 [ 601L; 500L ] // 300,500 values: above the split threshold; odd rows split unevenly
+            use bias = randn 42 [ 601L ]
+            use x = randn 43 [ 1L; 1L; 500L ]
+            use _ = torch.no_grad ()
+            for b in [ bias; null ] do
+                use expected = torch.nn.functional.linear(x, weight, b)
+                let before = liveTensors ()
+                (use once = Layers.linear weight b x in ())
+                Expect.equal (liveTensors ()) before "no tensor handle left behind by the pool threads"
+                use actual = Layers.linear weight b x
+                Expect.equal actual.shape [| 1L; 1L; 601L |] "shape (1, 1, out)"
+                expectClose 1e-6 actual expected (sprintf "values, bias %b" (not (isNull b)))
+            // Several rows and small weights take functional.linear itself.
+            use rows = randn 44 [ 2L; 3L; 500L ]
+            expectClose 0.0 (Layers.linear weight bias rows) (torch.nn.functional.linear(rows, weight, bias)) "several rows"
+
+        testCase "with autograd on and a weight that needs a gradient, the plain path keeps the graph" <| fun () ->
+            use weight = (randn 45 [ 600L; 500L ]).requires_grad_ true
+            use x = randn 46 [ 1L; 500L ]
+            use y = Layers.linear weight null x
+            Expect.isTrue y.requires_grad "part of the graph"
+            use total = y.sum ()
+            total.backward ()
+            use grad = weight.grad
+            Expect.isFalse (isNull grad) "the weight gets a gradient"
+    ]
+
+[<Tests>]
 let allocatorTests =
     testList "native allocator" [
         testCase "huge-page advice applies to large contiguous CPU tensors only and leaves their values alone" <| fun () ->

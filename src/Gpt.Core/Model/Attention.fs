@@ -228,14 +228,14 @@ type CausalSelfAttention(config: GptConfig) as this =
     member private _.Heads(x: torch.Tensor) =
         AttentionMath.checkInput "attention" config.EmbeddingDim config.ContextLength x
         let batch, length = x.shape[0], x.shape[1]
-        let parts = c_attn.forward(x).split(embeddingDim, 2) // 3 x (B, T, C)
+        let parts = (Layers.linear c_attn.weight c_attn.bias x).split(embeddingDim, 2) // 3 x (B, T, C); c_attn.forward
         let split (z: torch.Tensor) = z.view(batch, length, heads, headDim).transpose(1L, 2L) // (B, nh, T, hs)
         split parts[0], split parts[1], split parts[2]
 
     /// Heads merged back and projected. y (B, nh, T, hs) -> (B, T, C)
     member private _.Merge(y: torch.Tensor) =
         let batch, length = y.shape[0], y.shape[2]
-        c_proj.forward (y.transpose(1L, 2L).contiguous().view(batch, length, embeddingDim))
+        Layers.linear c_proj.weight c_proj.bias (y.transpose(1L, 2L).contiguous().view(batch, length, embeddingDim))
 
     override this.forward(x: torch.Tensor) =
         use scope = torch.NewDisposeScope()

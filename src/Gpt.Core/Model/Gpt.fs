@@ -43,7 +43,7 @@ type TransformerBlock(config: GptConfig) as this =
 /// The keys and values of the tokens seen so far, for generation: one preallocated (B, nh, ContextLength, hs) buffer
 /// pair per layer, written in place, so each new token costs attention over the cached keys instead of a forward pass
 /// over the whole prefix. Created by GptModel.CreateCache; owns native memory (dispose it).
-type KvCache internal (keys: torch.Tensor[], values: torch.Tensor[], head: torch.Tensor, batchSize: int, contextLength: int) =
+type KvCache internal (keys: torch.Tensor[], values: torch.Tensor[], batchSize: int, contextLength: int) =
     let mutable length = 0
     let mutable disposed = false
 
@@ -61,15 +61,12 @@ type KvCache internal (keys: torch.Tensor[], values: torch.Tensor[], head: torch
     member internal _.Values(layer: int) = values[layer]
     member internal _.Advance(count: int) = length <- length + count
     member internal _.IsDisposed = disposed
-    /// The output head transposed, (C, vocab) contiguous, copied when the cache was made.
-    member internal _.HeadTransposed = head
 
     interface IDisposable with
         member _.Dispose() =
             if not disposed then
                 disposed <- true
                 for tensor in Array.append keys values do tensor.Dispose()
-                head.Dispose()
 
 /// GPT-2 initialisation (nanoGPT's _init_weights).
 module private Initialisation =
@@ -196,27 +193,15 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
         let loss = HeadLoss.crossEntropy flat this.HeadWeight (targets.flatten().to_type(torch.int64)) // ()
         loss.MoveToOuterDisposeScope()
 
-    /// An empty key/value cache for batches of `batchSize` sequences, on the model's device and dtype. It also holds
-    /// a transposed copy of the output head, (C, vocab), taken now. Why: generating one token reads every weight
-    /// once, so it runs at the speed memory is streamed; MKL's matrix-vector product streamed the (vocab, C) head at
-    /// ~15 GB/s here and the same product against the (C, vocab) copy at ~34 GB/s, 10 ms against 4.5 ms of a ~31 ms
-    /// gpt2-small token. The copy costs the head's size again (154 MB for gpt2-small) while the cache lives, and
-    /// does not follow later changes to the weights (make a new cache after training further).
-    member this.CreateCache(batchSize: int) =
+    /// An empty key/value cache for batches of `batchSize` sequences, on the model's device and dtype.
+    member _.CreateCache(batchSize: int) =
         Errors.require (batchSize > 0) "batch size must be positive, found %d" batchSize
         let headDim = int64 (config.EmbeddingDim / config.Heads)
         let shape = [| int64 batchSize; int64 config.Heads; int64 config.ContextLength; headDim |]
-        // Each read of an Embedding's weight makes a new tensor handle (dispose it); a Linear's is its own parameter
-        // (never dispose that).
-        use table = wte.weight
-        let weight = if isNull lm_head then table :> torch.Tensor else lm_head.weight
+        // Each read of an Embedding's weight makes a new tensor handle: read it once and dispose it.
+        use weight = wte.weight
         let buffer _ = torch.empty(shape, dtype = weight.dtype, device = weight.device)
-        let head = torch.empty([| weight.shape[1]; weight.shape[0] |], dtype = weight.dtype, device = weight.device)
-        NativeAllocator.adviseHugePages head |> ignore
-        (use _ = torch.no_grad ()
-         use transposed = weight.t ()
-         head.copy_ transposed |> ignore)
-        new KvCache(Array.init config.Layers buffer, Array.init config.Layers buffer, head, batchSize, config.ContextLength)
+        new KvCache(Array.init config.Layers buffer, Array.init config.Layers buffer, batchSize, config.ContextLength)
 
     /// Logits for new tokens that continue the sequences in the cache: ids (B, Tnew) take positions
     /// cache.Length .. cache.Length + Tnew - 1, their keys and values are appended to the cache.
@@ -241,9 +226,9 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
         for layer in 0 .. config.Layers - 1 do
             x <- h[layer].ForwardCached(x, cache.Keys layer, cache.Values layer, past)
         cache.Advance fresh
-        // The head through the cache's transposed copy (see CreateCache): the same logits as Logits, faster.
+        // The head as Logits computes it, with one token's product split over two threads (Layers.linear).
         let normalised = ln_f.forward x // (B, Tnew, C)
-        normalised.matmul(cache.HeadTransposed).MoveToOuterDisposeScope() // (B, Tnew, vocab)
+        (Layers.linear this.HeadWeight null normalised).MoveToOuterDisposeScope() // (B, Tnew, vocab)
 
 /// Text generation with the model, the book's way.
 [<AutoOpen>]
