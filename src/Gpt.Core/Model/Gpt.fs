@@ -147,10 +147,10 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
     /// The output head's weight (vocab, C): the token embedding's when tied.
     member private _.HeadWeight = if isNull lm_head then wte.weight else lm_head.weight
 
-    /// Final norm and head: x (B, T, C) -> logits (B, T, vocab).
-    member private this.Logits(x: torch.Tensor) =
-        use normalised = ln_f.forward x
-        if isNull lm_head then functional.linear(normalised, this.HeadWeight) else lm_head.forward normalised
+    /// The output head: normalised hidden states (B, T, C) -> logits (B, T, vocab). Layers.linear: functional.linear,
+    /// with a single token's product split over two threads (generation). Call inside a dispose scope (a tied head's
+    /// weight read is a new handle).
+    member private this.HeadLogits(normalised: torch.Tensor) = Layers.linear this.HeadWeight null normalised
 
     /// Embeddings, blocks and final norm: ids (B, T) -> the normalised last hidden states (B, T, C), what the head
     /// multiplies. `forward` is the head applied to these; `Loss` is LossOfHidden applied to these.
@@ -168,8 +168,7 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
     override this.forward(ids: torch.Tensor) =
         use scope = torch.NewDisposeScope()
         let normalised = this.HiddenStates ids // (B, T, C)
-        let logits = if isNull lm_head then functional.linear(normalised, this.HeadWeight) else lm_head.forward normalised
-        logits.MoveToOuterDisposeScope() // (B, T, vocab)
+        this.HeadLogits(normalised).MoveToOuterDisposeScope() // (B, T, vocab)
 
     /// Mean next-token cross-entropy of the model's predictions for ids (B, T) against targets (B, T), equal to
     /// cross_entropy(forward ids, targets) but with the head and the softmax fused chunk by chunk (HeadLoss): the
@@ -226,9 +225,7 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
         for layer in 0 .. config.Layers - 1 do
             x <- h[layer].ForwardCached(x, cache.Keys layer, cache.Values layer, past)
         cache.Advance fresh
-        // The head as Logits computes it, with one token's product split over two threads (Layers.linear).
-        let normalised = ln_f.forward x // (B, Tnew, C)
-        (Layers.linear this.HeadWeight null normalised).MoveToOuterDisposeScope() // (B, Tnew, vocab)
+        this.HeadLogits(ln_f.forward x).MoveToOuterDisposeScope() // (B, Tnew, vocab)
 
 /// Text generation with the model, the book's way.
 [<AutoOpen>]
