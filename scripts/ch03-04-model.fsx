@@ -44,12 +44,13 @@ model.eval ()
 let gpt2 = Tokenizers.gpt2 ()
 let ids =
     torch.tensor(Array.append (gpt2.Encode "Every effort moves you" |> Array.map int64) (gpt2.Encode "Every day holds a" |> Array.map int64)).view(2L, 4L)
-use _ = torch.no_grad ()
-let logits = model.forward ids
+let logits =
+    use _ = torch.no_grad ()
+    model.forward ids
 printfn "logits: %A (batch, tokens, vocabulary)" logits.shape
 
 // 4.7: greedy generation (untrained: gibberish, as in the book)
 let prompt = torch.tensor(gpt2.Encode "Hello, I am" |> Array.map int64).view(1L, -1L)
-let output = generateTextSimple model prompt 6 config.ContextLength
+let output = Gpt.Generation.Generator.generateTextSimple model prompt 6 config.ContextLength
 let generated = output.data<int64>().ToArray() |> Array.map int
 printfn "ids: %A\ntext: %s" generated (gpt2.Decode generated)

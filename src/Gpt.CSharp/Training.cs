@@ -1,12 +1,5 @@
-using Gpt.Model;
+using Gpt.Plot;
 using Gpt.Training;
-using FCheckpoint = Gpt.Training.Checkpoint;
-using FCorpus = Gpt.Text.Corpus;
-using FGptModel = Gpt.Model.GptModel;
-using FTrainer = Gpt.Training.Trainer;
-using FTrainerOptions = Gpt.Training.TrainerOptions;
-using FTrainingData = Gpt.Training.TrainingDataModule;
-using FTrainingResult = Gpt.Training.TrainingResult;
 
 namespace Gpt;
 
@@ -63,6 +56,13 @@ public sealed record TrainingProgress
     public TimeSpan? Remaining { get; init; }
     /// <summary>Parameters of the model (in <see cref="TrainingEventKind.Started"/> and later reports).</summary>
     public long ParameterCount { get; init; }
+    /// <summary>Parameters the run trains (the others are frozen); all of them in pretraining.</summary>
+    public long TrainableParameterCount { get; init; }
+    /// <summary>The latest evaluation's accuracy on the training and validation batches, for runs whose objective
+    /// has right answers (classification); null otherwise.</summary>
+    public double? TrainAccuracy { get; init; }
+    /// <inheritdoc cref="TrainAccuracy"/>
+    public double? ValidationAccuracy { get; init; }
     /// <summary>The prompt and its greedy continuation, at <see cref="TrainingEventKind.EpochEnd"/>.</summary>
     public string? Sample { get; init; }
     /// <summary>The run directory at <see cref="TrainingEventKind.Started"/>; the checkpoint or model directory
@@ -112,7 +112,9 @@ public static class Trainer
     /// many tokens are needed), a resume path without a checkpoint, an incompatible checkpoint.</exception>
     /// <remarks>Dropout draws from torch's global generator, which the run seeds and checkpoints: a run is reproducible
     /// (and a resume continues it exactly) when no other code draws from that generator meanwhile, such as a second
-    /// run in the same process.</remarks>
+    /// run in the same process. A thread of its own gets glibc heaps that are unmapped as they empty: call
+    /// <see cref="GptRuntime.TuneNativeAllocator"/> once at start-up (or set MALLOC_ARENA_MAX=1) for the speed of
+    /// <see cref="Train"/> on a program's main thread.</remarks>
     public static Task<TrainingResult> TrainAsync(TrainingOptions options, IProgress<TrainingProgress>? progress = null,
         CancellationToken cancellationToken = default)
     {
@@ -139,27 +141,14 @@ public static class Trainer
 
     /// <summary>The smallest number of tokens that gives both splits one window of <paramref name="contextLength"/>
     /// tokens (plus the one target token after it).</summary>
-    public static int TokensNeeded(int contextLength, double trainRatio)
-    {
-        var window = contextLength + 1;
-        var n = (int)Math.Ceiling(window / Math.Min(trainRatio, 1 - trainRatio));
-        while (n > window && Fits(n - 1)) n--;
-        while (!Fits(n)) n++;
-        return n;
-
-        bool Fits(int count)
-        {
-            var train = (int)(trainRatio * count);
-            return train >= window && count - train >= window;
-        }
-    }
+    public static int TokensNeeded(int contextLength, double trainRatio) => Run.tokensNeeded(contextLength, trainRatio);
 
     /// <summary>Trains on the calling thread, which is busy until the run ends: what <see cref="TrainAsync"/> does on a
     /// thread of its own. For a program's main thread, which has nothing else to do (the <c>gpt</c> command line): on
     /// Linux, glibc serves the main thread from its main heap, where freed blocks are kept for reuse; another thread
     /// gets a heap of its own, which glibc unmaps as it empties, so the same step page-faults several times as much
-    /// (measured: 19,000 against 113,000 page faults per step of the default run; setting MALLOC_ARENA_MAX=1 in the
-    /// environment also avoids it). Never call it from a thread-pool thread inside async code.</summary>
+    /// (measured: 19,000 against 113,000 page faults per step of the default run). Never call it from a thread-pool
+    /// thread inside async code.</summary>
     /// <inheritdoc cref="TrainAsync" path="/param"/>
     /// <inheritdoc cref="TrainAsync" path="/exception"/>
     /// <inheritdoc cref="TrainAsync" path="/remarks"/>
@@ -167,171 +156,30 @@ public static class Trainer
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(options);
-        GptRuntime.TuneNativeAllocator();
-        return Run(options, progress, cancellationToken);
+        var next = Microsoft.FSharp.Core.FuncConvert.FromAction<RunProgress>(p => progress?.Report(ToProgress(p)));
+        var report = Microsoft.FSharp.Core.FuncConvert.FromAction<RunProgress>(p => Plots.follow(next, p)); // loss.png at checkpoints
+        return ToResult(Run.pretrain(options.ToFSharp(), report, cancellationToken));
     }
 
-    private static TrainingResult Run(TrainingOptions options, IProgress<TrainingProgress>? progress, CancellationToken token)
+    internal static TrainingProgress ToProgress(RunProgress p) => new()
     {
-        if (options.ResumeFrom is not null && options.InitFrom is not null)
-            throw new GptException("resume a run or start one from a model, not both: --resume continues a run with its own model, --init-from starts a new run");
-        if (!(options.TrainRatio > 0 && options.TrainRatio < 1))
-            throw new GptException($"the training ratio must be between 0 and 1 (exclusive), found {options.TrainRatio}");
-        if (options.Name is { } name && (name.Length == 0 || name.IndexOfAny(System.IO.Path.GetInvalidFileNameChars()) >= 0 || name is "." or ".."))
-            throw new GptException($"the run name '{name}' is not a valid folder name");
-        if (options.OutputDirectory is null) throw new GptException("the output directory is not set");
-
-        var tokenizer = Tokenizer.Gpt2.Inner;
-        string runDirectory;
-        string? resumeFrom = null;
-        FGptModel model;
-        if (options.ResumeFrom is { } resume)
+        Kind = p.Kind.Tag switch
         {
-            resumeFrom = FCheckpoint.resolve(resume);
-            runDirectory = TrainingOptions.RunDirectoryOf(resumeFrom);
-            model = FCheckpoint.loadGpt(resumeFrom);
-        }
-        else
-        {
-            runDirectory = System.IO.Path.GetFullPath(System.IO.Path.Combine(options.OutputDirectory, options.Name ?? DefaultName(options.OutputDirectory)));
-            var checkpoints = System.IO.Path.Combine(runDirectory, "checkpoints");
-            if (FCheckpoint.list(checkpoints).Length > 0)
-                throw new GptException($"'{runDirectory}' already holds a run: resume it (--resume {runDirectory}) or choose another name");
-            model = options.InitFrom is { } init ? Pretrained.load(init)
-                : options.Initialization == ModelInitialization.TorchDefaults ? FGptModel.WithTorchDefaults(options.Model.ToFSharp(), options.Seed)
-                : new FGptModel(options.Model.ToFSharp(), Options.Some<long>(options.Seed));
-        }
-        try
-        {
-            var config = model.Config;
-            var contextLength = options.ContextLength ?? config.ContextLength;
-            if (contextLength < 1 || contextLength > config.ContextLength)
-                throw new GptException($"the training context length {contextLength} must be between 1 and the model's context length {config.ContextLength}");
-            if (config.VocabSize < tokenizer.VocabularySize)
-                throw new GptException($"the model's vocabulary has {config.VocabSize} tokens; GPT-2's tokenizer needs {tokenizer.VocabularySize}");
-            var documents = options.Data is null ? [FCorpus.builtIn.Value] : FCorpus.load(options.Data);
-            var source = options.Data ?? "the built-in story";
-            var needed = TokensNeeded(contextLength, options.TrainRatio);
-            var advice = $"at least {needed} are needed for context length {contextLength} with a {options.TrainRatio.ToString("P0", System.Globalization.CultureInfo.InvariantCulture)} " +
-                         $"training split ({contextLength + 1} tokens in each split): use more text or a shorter context length";
-            if (documents.All(d => d.Text.Length == 0)) throw new GptException($"the text is empty ({source}): {advice}");
-            var ids = FCorpus.encode(tokenizer, 0, documents);
-            if (ids.Length < needed) throw new GptException($"the text is too short ({source}): it has {ids.Length} tokens, {advice}");
-            var data = FTrainingData.forGpt(config, tokenizer, options.TrainRatio, ids);
-            var minimum = options.MinLearningRate ?? options.LearningRate / 10;
-            var trainerOptions = new FTrainerOptions(
-                epochs: options.Epochs, maxSteps: Options.Some(options.MaxSteps), batchSize: options.BatchSize,
-                contextLength: contextLength, stride: options.Stride ?? contextLength, learningRate: options.LearningRate,
-                initialLearningRate: options.InitialLearningRate ?? minimum, minLearningRate: minimum,
-                warmupSteps: options.WarmupSteps, weightDecay: options.WeightDecay, decayAll: options.DecayAll,
-                beta1: options.Beta1, beta2: options.Beta2, gradientClip: Options.Some(options.GradientClip),
-                gradientAccumulation: options.GradientAccumulation, evalInterval: options.EvalInterval,
-                evalBatches: options.EvalBatches, seed: options.Seed, outputDirectory: Options.SomeObject(runDirectory),
-                checkpointInterval: options.CheckpointInterval, keepLast: options.KeepLast,
-                samplePrompt: Options.SomeObject(options.SamplePrompt), sampleTokens: options.SampleTokens);
-            TrainerOptionsModule.validate(trainerOptions);
-            if (resumeFrom is null) RunFile.Write(runDirectory, options, options.InitFrom);
+            RunEventKind.Tags.Started => TrainingEventKind.Started, RunEventKind.Tags.Step => TrainingEventKind.Step,
+            RunEventKind.Tags.Evaluation => TrainingEventKind.Evaluation, RunEventKind.Tags.EpochEnd => TrainingEventKind.EpochEnd,
+            RunEventKind.Tags.Checkpoint => TrainingEventKind.Checkpoint, _ => TrainingEventKind.ModelSaved,
+        },
+        Step = p.Step, TotalSteps = p.TotalSteps, Epoch = p.Epoch, Epochs = p.Epochs, TrainLoss = p.TrainLoss,
+        EvaluatedTrainLoss = Options.ToNullable(p.EvaluatedTrainLoss), ValidationLoss = Options.ToNullable(p.ValidationLoss),
+        TrainAccuracy = Options.ToNullable(p.TrainAccuracy), ValidationAccuracy = Options.ToNullable(p.ValidationAccuracy),
+        LearningRate = p.LearningRate, GradientNorm = Options.ToNullable(p.GradientNorm), TokensSeen = p.TokensSeen,
+        TokensPerSecond = p.TokensPerSecond, Elapsed = p.Elapsed, Remaining = Options.ToNullable(p.Remaining),
+        ParameterCount = p.ParameterCount, TrainableParameterCount = p.TrainableParameterCount,
+        Sample = Options.ToObject(p.Sample), Path = Options.ToObject(p.Path),
+    };
 
-            var reporter = new Reporter(progress, options.Epochs, model.ParameterCount, runDirectory);
-            var result = FTrainer.train(trainerOptions, model, data, Options.SomeObject(resumeFrom),
-                Microsoft.FSharp.Core.FuncConvert.FromAction<TrainingEvent>(reporter.On), token);
-
-            string? modelDirectory = null;
-            if (result.Steps > 0)
-            {
-                modelDirectory = System.IO.Path.Combine(runDirectory, ModelFolder);
-                model.eval();
-                Pretrained.save(modelDirectory, model);
-                reporter.Report(TrainingEventKind.ModelSaved, modelDirectory);
-            }
-            return Result(result, reporter, runDirectory, modelDirectory);
-        }
-        finally
-        {
-            model.Dispose();
-        }
-    }
-
-    private static TrainingResult Result(FTrainingResult r, Reporter reporter, string runDirectory, string? modelDirectory)
-    {
-        var evaluations = r.Evaluations;
-        var last = evaluations.Length > 0 ? evaluations[^1] : null;
-        return new TrainingResult(
-            r.Steps, r.TotalSteps, r.TokensSeen, r.Cancelled,
-            FirstEvaluatedTrainLoss: evaluations.Length > 0 ? evaluations[0].TrainLoss : double.NaN,
-            TrainLoss: last?.TrainLoss ?? double.NaN,
-            ValidationLoss: last?.ValidationLoss ?? double.NaN,
-            BestValidationLoss: Options.ToNullable(r.BestValidationLoss),
-            LastStepLoss: r.LastTrainLoss,
-            RunDirectory: runDirectory,
-            ModelDirectory: modelDirectory,
-            CheckpointDirectory: Options.ToObject(r.Checkpoint),
-            Elapsed: reporter.Latest.Elapsed);
-    }
-
-    /// <summary>run-yyyyMMdd-HHmmss, with -2, -3, ... when that folder exists.</summary>
-    private static string DefaultName(string outputDirectory)
-    {
-        var stem = $"run-{DateTime.Now:yyyyMMdd-HHmmss}";
-        var name = stem;
-        for (var i = 2; Directory.Exists(System.IO.Path.Combine(outputDirectory, name)); i++) name = $"{stem}-{i}";
-        return name;
-    }
-
-    /// <summary>Turns the core's events into <see cref="TrainingProgress"/> reports, carrying the latest values
-    /// from one report to the next.</summary>
-    private sealed class Reporter(IProgress<TrainingProgress>? progress, int epochs, long parameterCount, string runDirectory)
-    {
-        public TrainingProgress Latest { get; private set; } =
-            new() { Kind = TrainingEventKind.Started, Epochs = epochs, ParameterCount = parameterCount, Epoch = 1 };
-
-        public void On(TrainingEvent e)
-        {
-            switch (e)
-            {
-                case TrainingEvent.Started started:
-                    var plan = started.Item;
-                    var tokens = plan.StartStep * plan.TokensPerStep;
-                    Latest = Latest with { Step = plan.StartStep, TotalSteps = plan.TotalSteps, ParameterCount = plan.ParameterCount, TokensSeen = tokens };
-                    Latest = Latest with { Kind = TrainingEventKind.Started };
-                    progress?.Report(Latest with { Path = runDirectory });
-                    break;
-                case TrainingEvent.Stepped stepped:
-                    var p = stepped.Item;
-                    Latest = Latest with
-                    {
-                        Step = p.Step, TotalSteps = p.TotalSteps, Epoch = p.Epoch, Epochs = p.Epochs, TrainLoss = p.TrainLoss,
-                        LearningRate = p.LearningRate, GradientNorm = Options.ToNullable(p.GradientNorm), TokensSeen = p.TokensSeen,
-                        TokensPerSecond = p.TokensPerSecond, Elapsed = p.Elapsed, Remaining = p.Remaining,
-                    };
-                    Emit(TrainingEventKind.Step);
-                    break;
-                case TrainingEvent.Evaluated evaluated:
-                    var record = evaluated.Item;
-                    Latest = Latest with
-                    {
-                        EvaluatedTrainLoss = Finite(record.TrainLoss), ValidationLoss = Finite(record.ValidationLoss),
-                        Elapsed = TimeSpan.FromSeconds(record.ElapsedSeconds),
-                    };
-                    Emit(TrainingEventKind.Evaluation);
-                    break;
-                case TrainingEvent.EpochEnded ended:
-                    progress?.Report(Latest with { Kind = TrainingEventKind.EpochEnd, Epoch = ended.epoch, Sample = Options.ToObject(ended.sample) });
-                    break;
-                case TrainingEvent.CheckpointSaved saved:
-                    Report(TrainingEventKind.Checkpoint, saved.directory);
-                    break;
-            }
-        }
-
-        public void Report(TrainingEventKind kind, string path) => progress?.Report(Latest with { Kind = kind, Path = path });
-
-        private void Emit(TrainingEventKind kind)
-        {
-            Latest = Latest with { Kind = kind };
-            progress?.Report(Latest);
-        }
-
-        private static double? Finite(double value) => double.IsFinite(value) ? value : null;
-    }
+    internal static TrainingResult ToResult(RunResult r) => new(
+        r.Steps, r.TotalSteps, r.TokensSeen, r.Cancelled, r.FirstEvaluatedTrainLoss, r.TrainLoss, r.ValidationLoss,
+        Options.ToNullable(r.BestValidationLoss), r.LastStepLoss, r.RunDirectory, Options.ToObject(r.ModelDirectory),
+        Options.ToObject(r.CheckpointDirectory), r.Elapsed);
 }

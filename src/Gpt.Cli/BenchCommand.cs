@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Text.Json.Nodes;
+using Gpt.Bench;
 
 namespace Gpt.Cli;
 
@@ -65,7 +66,9 @@ internal static class BenchCommand
     /// busy other processes kept the cores meanwhile.</summary>
     private static JsonObject Measured(string label, Func<JsonObject> measure)
     {
-        var (result, others) = Benchmarks.WithContention(measure);
+        var before = Measure.cpuSnapshot();
+        var result = measure();
+        var others = Measure.othersCpuPercent(before, Measure.cpuSnapshot());
         var labelled = Labelled(label, result);
         labelled["machine"]!["others_cpu_pct"] = others;
         return labelled;
@@ -79,11 +82,11 @@ internal static class BenchCommand
             result.Remove(key);
             labelled[key] = value;
         }
-        labelled["machine"] = Machine(Benchmarks.Describe());
+        labelled["machine"] = Machine(Measure.machine());
         return labelled;
     }
 
-    internal static JsonObject Machine(MachineDescription m) => new()
+    internal static JsonObject Machine(Measure.MachineInfo m) => new()
     {
         ["cpu"] = m.Cpu, ["logical_cores"] = m.LogicalCores, ["torch_threads"] = m.TorchThreads,
         ["memory_gib"] = m.MemoryGiB, ["os"] = m.Os, ["dotnet"] = m.Runtime, ["torchsharp"] = m.TorchSharp,
@@ -92,16 +95,16 @@ internal static class BenchCommand
 
     private static JsonObject Machine()
     {
-        var result = Benchmarks.Machine();
+        var result = MachineBench.machine();
         return new JsonObject { ["matmul_gflops"] = result.MatmulGflops, ["bandwidth_gbps"] = result.BandwidthGbps };
     }
 
     private static JsonObject Tokenizer(double megabytes)
     {
-        var result = Benchmarks.Tokenizer(megabytes);
+        var result = MachineBench.tokenizer(megabytes, 3);
         return new JsonObject
         {
-            ["mb_per_s"] = result.MegabytesPerSecond, ["megabytes"] = result.Megabytes,
+            ["mb_per_s"] = result.MbPerS, ["megabytes"] = result.Megabytes,
             ["tokens"] = result.Tokens, ["seconds"] = result.Seconds,
         };
     }
@@ -118,7 +121,7 @@ internal static class BenchCommand
             "Training speed: tokens/s, model FLOPs utilisation (MFU) against this machine's matmul speed, peak RSS, where a step's time goes.",
             parse =>
             {
-                var r = Benchmarks.Train(parse.GetValue(preset)!, parse.GetValue(warmup), parse.GetValue(steps));
+                var r = TrainBench.run(TrainBench.preset(parse.GetValue(preset)!), parse.GetValue(warmup), parse.GetValue(steps), 123);
                 var b = r.Breakdown;
                 return new JsonObject
                 {
@@ -129,9 +132,9 @@ internal static class BenchCommand
                     ["step_times_s"] = new JsonArray(r.StepTimes.Select(t => (JsonNode)Math.Round(t, 4)).ToArray()),
                     ["breakdown_s"] = new JsonObject
                     {
-                        ["zero_grad"] = Math.Round(b.ZeroGradSeconds, 4), ["forward_and_loss"] = Math.Round(b.ForwardSeconds, 4),
-                        ["body_forward"] = Math.Round(b.BodySeconds, 4), ["head_and_loss_with_head_gradients"] = Math.Round(b.HeadAndLossSeconds, 4),
-                        ["backward"] = Math.Round(b.BackwardSeconds, 4), ["optimizer"] = Math.Round(b.OptimizerSeconds, 4),
+                        ["zero_grad"] = Math.Round(b.ZeroGrad, 4), ["forward_and_loss"] = Math.Round(b.Forward, 4),
+                        ["body_forward"] = Math.Round(b.Body, 4), ["head_and_loss_with_head_gradients"] = Math.Round(b.HeadAndLoss, 4),
+                        ["backward"] = Math.Round(b.Backward, 4), ["optimizer"] = Math.Round(b.Optimizer, 4),
                     },
                     ["tensors_per_step"] = Math.Round(r.TensorsPerStep, 1), ["page_faults_per_step"] = Math.Round(r.PageFaultsPerStep),
                     ["warmup_steps"] = r.WarmupSteps, ["timed_steps"] = r.TimedSteps,
@@ -152,10 +155,10 @@ internal static class BenchCommand
             "Live tensors and resident memory over many training steps of a small model, with KV-cache generation and evaluation in between.",
             parse =>
             {
-                var r = Benchmarks.Leak(parse.GetValue(steps), parse.GetValue(warmup));
+                var r = LeakBench.run(parse.GetValue(steps), parse.GetValue(warmup), 123);
                 return new JsonObject
                 {
-                    ["rss_growth_pct"] = Math.Round(r.RssGrowthPercent, 2), ["live_tensors_growth"] = r.LiveTensorsGrowth,
+                    ["rss_growth_pct"] = Math.Round(r.RssGrowthPct, 2), ["live_tensors_growth"] = r.LiveTensorsGrowth,
                     ["steps"] = r.Steps, ["warmup_steps"] = r.WarmupSteps,
                     ["rss_after_warmup_mb"] = Math.Round(r.RssAfterWarmupMb, 1), ["rss_end_mb"] = Math.Round(r.RssEndMb, 1),
                     ["live_tensors_after_warmup"] = r.LiveTensorsAfterWarmup, ["live_tensors_end"] = r.LiveTensorsEnd,

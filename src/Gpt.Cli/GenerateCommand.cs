@@ -1,5 +1,7 @@
 using System.CommandLine;
 using System.Text.Json.Nodes;
+using Gpt.Bench;
+using Gpt.Generation;
 
 namespace Gpt.Cli;
 
@@ -94,25 +96,26 @@ internal static class GenerateCommand
         var command = BenchCommand.Part(context, "generate", "Generation speed in tokens/s (greedy, after a warm-up; median of several runs).", parse =>
         {
             var path = parse.GetValue(modelPath);
-            using var model = path is null ? GptModel.Create(GptConfiguration.Gpt2Small, seed: 1) : GptModel.Load(path);
-            JsonObject Figures(GenerationBenchmark t) => new()
+            using var model = GenerationBench.loadModel(path is null ? null : Microsoft.FSharp.Core.FSharpOption<string>.Some(path));
+            var language = LanguageModel.ofGpt(model);
+            JsonObject Figures(Throughput t) => new()
             {
                 ["tokens_per_s"] = Math.Round(t.TokensPerSecond, 2), ["prompt_tokens"] = t.PromptTokens, ["new_tokens"] = t.NewTokens,
                 ["kv_cache"] = t.UsedKvCache, ["seconds"] = Math.Round(t.Seconds, 3), ["first_token_s"] = Math.Round(t.FirstTokenSeconds, 4),
-                ["runs"] = t.RunTokensPerSecond.Count, ["tensors_per_token"] = Math.Round(t.TensorsPerToken, 1),
+                ["runs"] = t.RunTokensPerSecond.Length, ["tensors_per_token"] = Math.Round(t.TensorsPerToken, 1),
                 ["run_tokens_per_s"] = new JsonArray(t.RunTokensPerSecond.Select(r => (JsonNode?)Math.Round(r, 2)).ToArray()),
             };
             JsonObject result;
             if (parse.GetValue(compare))
             {
-                var (cached, uncached, speedup) = model.CompareKvCache(parse.GetValue(promptTokens), parse.GetValue(newTokens), parse.GetValue(runs));
+                var (cached, uncached, speedup) = GenerationBench.compareKvCache(language, parse.GetValue(promptTokens), parse.GetValue(newTokens), parse.GetValue(runs)).ToValueTuple();
                 result = Figures(cached);
                 result["no_cache_tokens_per_s"] = Math.Round(uncached.TokensPerSecond, 2);
                 result["no_cache_run_tokens_per_s"] = new JsonArray(uncached.RunTokensPerSecond.Select(r => (JsonNode?)Math.Round(r, 2)).ToArray());
                 result["kv_cache_speedup"] = Math.Round(speedup, 2);
             }
             else
-                result = Figures(model.MeasureGeneration(parse.GetValue(promptTokens), parse.GetValue(newTokens), !parse.GetValue(noCache), parse.GetValue(runs)));
+                result = Figures(GenerationBench.measureTokensPerSecond(language, parse.GetValue(promptTokens), parse.GetValue(newTokens), !parse.GetValue(noCache), parse.GetValue(runs)));
             result["model"] = path ?? "gpt2-small (random weights)";
             result["parameters"] = model.ParameterCount;
             return result;

@@ -43,10 +43,12 @@ internal sealed class ConfigOptions
     public IReadOnlyList<string> Given(ParseResult parse, params Option[] except) =>
         All.Where(o => !except.Contains(o) && parse.GetResult(o) is { Implicit: false }).Select(o => o.Name).ToList();
 
-    public GptConfiguration Read(ParseResult parse)
+    /// <summary>The configuration the options describe: the preset (or <paramref name="basis"/>, or the default model)
+    /// with the overrides given.</summary>
+    public GptConfiguration Read(ParseResult parse, GptConfiguration? basis = null)
     {
         var preset = parse.GetValue(Preset);
-        var c = preset is null && _defaultModel is not null ? _defaultModel : GptConfiguration.FromPreset(preset ?? "gpt2-small");
+        var c = preset is not null ? GptConfiguration.FromPreset(preset) : basis ?? _defaultModel ?? GptConfiguration.FromPreset("gpt2-small");
         c = c with
         {
             VocabularySize = parse.GetValue(VocabularySize) ?? c.VocabularySize,

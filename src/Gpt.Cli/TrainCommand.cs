@@ -57,23 +57,21 @@ internal static class TrainCommand
             bool Given(Option option) => parse.GetResult(option) is { Implicit: false };
             var resumePath = parse.GetValue(resume);
             var initPath = parse.GetValue(initFrom);
-            if (resumePath is not null && initPath is not null)
-                throw new GptException("--resume and --init-from do not go together: --resume continues a run with its own model, --init-from starts a new run from a model");
-            var shape = config.Given(parse, config.ContextLength);
-            if ((resumePath is not null || initPath is not null) && shape.Count > 0)
-                throw new GptException($"{(resumePath is not null ? "--resume" : "--init-from")} brings its own model: {string.Join(", ", shape)} cannot change it");
-            if (resumePath is not null && Given(config.ContextLength))
-                throw new GptException("--resume continues with the run's own context length: --context-length cannot change it");
-
-            var options = resumePath is not null
-                ? TrainingOptions.FromCheckpoint(resumePath)
-                : new TrainingOptions
-                {
-                    Model = config.Read(parse), InitFrom = initPath, ContextLength = initPath is null ? null : parse.GetValue(config.ContextLength),
-                    Initialization = parse.GetValue(init) == "torch" ? ModelInitialization.TorchDefaults : ModelInitialization.Gpt2,
-                };
-            if ((resumePath is not null || initPath is not null) && Given(init))
-                throw new GptException($"{(resumePath is not null ? "--resume" : "--init-from")} brings its own weights: --init does not apply");
+            // The shape options change the model a run starts from; with --resume or --init-from they may only repeat
+            // what that model is (the core refuses a change). --context-length with them is the training window.
+            var shapeGiven = config.Given(parse, resumePath is null && initPath is null ? [] : [config.ContextLength]).Count > 0;
+            // A run's options come from its checkpoint (unless --init-from is given too, which the core refuses).
+            var options = resumePath is not null && initPath is null ? TrainingOptions.FromCheckpoint(resumePath)
+                : new TrainingOptions { InitFrom = initPath, ResumeFrom = resumePath };
+            var basis = resumePath is not null ? options.Model : initPath is not null && shapeGiven ? GptConfiguration.FromModelDirectory(initPath) : null;
+            options = options with
+            {
+                Model = shapeGiven ? config.Read(parse, basis) : options.Model,
+                ContextLength = (resumePath is not null || initPath is not null) && Given(config.ContextLength)
+                    ? parse.GetValue(config.ContextLength) : options.ContextLength,
+                Initialization = Given(init) ? (parse.GetValue(init) == "torch" ? ModelInitialization.TorchDefaults : ModelInitialization.Gpt2)
+                    : options.Initialization,
+            };
             options = options with
             {
                 Data = Given(data) ? parse.GetValue(data) : options.Data,
@@ -97,10 +95,6 @@ internal static class TrainCommand
                 KeepLast = Given(keepLast) ? parse.GetValue(keepLast) : options.KeepLast,
                 CheckpointInterval = Given(checkpointInterval) ? parse.GetValue(checkpointInterval) : options.CheckpointInterval,
             };
-            if (resumePath is not null && (Given(output) || Given(name)))
-                throw new GptException("--resume continues in the run's own folder: --out and --name cannot move it");
-            if (options.Data is { } path && !File.Exists(path) && !Directory.Exists(path) && path.IndexOfAny(['*', '?']) < 0)
-                throw new GptException($"--data '{path}' does not exist: expected a file, a folder or a glob such as 'data/*.txt'");
             return Train(context, options, parse.GetValue(format) == "json");
         }));
         return command;

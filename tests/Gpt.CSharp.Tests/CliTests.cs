@@ -157,19 +157,40 @@ public class TrainCliTests
             Assert.Contains(expected, error);
             Assert.StartsWith("gpt: error:", error);
         }
-        Fails("--data", Tiny(folder.Path, "--data", folder.Combine("missing.txt")));
+        Fails("missing.txt' does not exist", Tiny(folder.Path, "--data", folder.Combine("missing.txt")));
         var shortText = folder.Combine("short.txt");
         File.WriteAllText(shortText, "Too short to train on.");
         Fails("at least 161 are needed for context length 16", Tiny(folder.Path, "--data", shortText));
         Directory.CreateDirectory(folder.Combine("empty"));
         Fails("no complete checkpoint", "train", "--resume", folder.Combine("empty"));
-        Fails("--layers cannot change it", "train", "--resume", folder.Combine("empty"), "--layers", "2");
         Fails("do not go together", "train", "--resume", folder.Combine("empty"), "--init-from", folder.Combine("empty"));
         Fails("epochs must be positive", Tiny(folder.Path, "--epochs", "0"));
         Fails("embedding dimension 16 is not divisible by 3 heads", "train", "--emb-dim", "16", "--heads", "3", "--out", folder.Path);
-        Fails("--init-from brings its own model", Tiny(folder.Path, "--init-from", folder.Combine("no-model")));
+        Fails("--init-from brings its own model: embedding dimension (the model has 32, asked for 16)", Tiny(folder.Path, "--init-from", Fixtures.TinyGpt2));
         Fails("model directory", "train", "--init-from", folder.Combine("no-model"), "--out", folder.Path);
         Fails("--init does not apply", "train", "--init-from", folder.Combine("no-model"), "--init", "torch");
+    }
+
+    [Fact]
+    public void ResumeTakesTheRunsOwnOptionsAndRefusesChanges()
+    {
+        using var folder = new TempFolder();
+        var run = folder.Combine("r");
+        var (code, _, error) = Cli.Run(null, Tiny(folder.Path, "--name", "r", "--format", "json"));
+        Assert.True(code == 0, error);
+        void Fails(string expected, params string[] args)
+        {
+            var (failed, _, message) = Cli.Run(null, args);
+            Assert.True(failed == 1, $"exit code {failed} for {string.Join(' ', args)}: {message}");
+            Assert.Contains(expected, message);
+        }
+        Fails("--resume brings its own model: layers (the run has 1, asked for 2) cannot change it", "train", "--resume", run, "--layers", "2");
+        Fails("was trained with context length 16, this run asks for 8", "train", "--resume", run, "--context-length", "8");
+        Fails("--out and --name cannot move it", "train", "--resume", run, "--name", "elsewhere");
+        // Options equal to the run's own are accepted: the same shape, context length, folder.
+        (code, _, error) = Cli.Run(null, "train", "--resume", run, "--layers", "1", "--context-length", "16", "--out", folder.Path,
+            "--name", "r", "--max-steps", "4", "--format", "json");
+        Assert.True(code == 0, error);
     }
 
     [Fact]

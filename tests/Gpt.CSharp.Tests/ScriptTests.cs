@@ -38,4 +38,14 @@ public class ScriptTests
         Assert.Contains("163009536 parameters (621.83 MB)", output);
         Assert.Contains("logits: [|2L; 4L; 50257L|]", output);
     }
+
+    [Fact]
+    public void Chapter5Script()
+    {
+        var (code, output) = RunScript("ch05-pretraining.fsx");
+        Assert.True(code == 0, output);
+        Assert.Contains("ln(vocabulary) = 10.8249", output);
+        Assert.Contains("40 steps, 5120 tokens seen; wrote checkpoints, loss.png, metrics.jsonl, model, run.json", output);
+        Assert.Contains("reloaded model gives the same logits: true; the checkpoint too: true", output);
+    }
 }

@@ -5,6 +5,8 @@ open FsCheck
 open FsCheck.FSharp
 open TorchSharp
 open Gpt.Model
+open Gpt.Weights
+open Gpt.Kernels
 open Gpt.Tests.TestUtil
 open Gpt.Tests.ModelTestUtil
 

@@ -26,7 +26,7 @@ let tests =
             Expect.equal (Corpus.load (dir.File "*.txt") |> Array.map (fun d -> d.Text)) [| "alpha" |] "glob"
             Expect.equal (Corpus.load (dir.File "**/*.txt") |> Array.map (fun d -> d.Text)) [| "alpha"; "gamma" |] "recursive glob"
             throwsGpt [ "matches no files" ] (fun () -> Corpus.load (dir.File "*.csv") |> ignore) "empty glob"
-            throwsGpt [ "neither a file" ] (fun () -> Corpus.load (dir.File "missing.txt") |> ignore) "missing file"
+            throwsGpt [ "does not exist" ] (fun () -> Corpus.load (dir.File "missing.txt") |> ignore) "missing file"
 
         testCase "invalid UTF-8 names the file and the byte offset" <| fun () ->
             use dir = new TempDir()

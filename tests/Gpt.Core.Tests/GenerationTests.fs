@@ -483,7 +483,7 @@ let generationTests =
             let model, language = tiny 30 8 16 2 1 2L
             use _ = model
             for useCache in [ true; false ] do
-                let result = Generator.measureTokensPerSecond language 4 10 useCache 3
+                let result = Gpt.Bench.GenerationBench.measureTokensPerSecond language 4 10 useCache 3
                 Expect.equal result.NewTokens 10 "10 new tokens (past the context of 8)"
                 Expect.equal result.RunTokensPerSecond.Length 3 "three runs"
                 Expect.contains result.RunTokensPerSecond result.TokensPerSecond "the figure is one of the runs (the median)"
@@ -491,12 +491,12 @@ let generationTests =
                 Expect.equal result.UsedKvCache useCache "cache flag"
                 Expect.isGreaterThan result.TokensPerSecond 0.0 "a positive rate"
                 Expect.isGreaterThanOrEqual result.Seconds result.FirstTokenSeconds "first token within the total"
-            throwsGpt [ "at least 1 run, found 0" ] (fun () -> Generator.measureTokensPerSecond language 4 10 true 0 |> ignore) "runs"
+            throwsGpt [ "at least 1 run, found 0" ] (fun () -> Gpt.Bench.GenerationBench.measureTokensPerSecond language 4 10 true 0 |> ignore) "runs"
 
         testCase "compareKvCache pairs runs with and without the cache" <| fun () ->
             let model, language = tiny 30 8 16 2 1 2L
             use _ = model
-            let cached, uncached, speedup = Generator.compareKvCache language 4 10 3
+            let cached, uncached, speedup = Gpt.Bench.GenerationBench.compareKvCache language 4 10 3
             Expect.isTrue cached.UsedKvCache "first: with the cache"
             Expect.isFalse uncached.UsedKvCache "second: without"
             Expect.equal (cached.RunTokensPerSecond.Length, uncached.RunTokensPerSecond.Length) (3, 3) "three runs each"
@@ -542,8 +542,8 @@ let gptModelTests =
             expectWindowsAgree language batch case random)
 
         testCase "the reference's greedy continuation, with and without the cache" <| fun () ->
-            use model = Gpt.Model.Pretrained.load (fixture "tiny-gpt2")
-            use reference = Gpt.Model.Safetensors.read (fixture "tiny-gpt2/reference.safetensors") |> fun m -> m["greedy_ids"]
+            use model = Gpt.Weights.Pretrained.load (fixture "tiny-gpt2")
+            use reference = Gpt.Weights.Safetensors.read (fixture "tiny-gpt2/reference.safetensors") |> fun m -> m["greedy_ids"]
             let expected = reference.data<int64>().ToArray() |> Array.map int
             let prompt = expected[.. 4]
             for useCache in [ true; false ] do
@@ -552,7 +552,7 @@ let gptModelTests =
                 Expect.equal (Array.append prompt completion.Tokens) expected (sprintf "greedy ids (cache %b)" useCache)
 
         testCase "GptModel: seeded sampling is the same with and without the cache; streaming equals the text" <| fun () ->
-            use model = Gpt.Model.Pretrained.load (fixture "tiny-gpt2")
+            use model = Gpt.Weights.Pretrained.load (fixture "tiny-gpt2")
             let language = LanguageModel.ofGpt model
             let options = { GenerationOptions.defaults with MaxNewTokens = 30; Temperature = 1.0; TopK = Some 500; Seed = Some 11L; EndOfTextId = None }
             let gpt2 = Tokenizers.gpt2 ()

@@ -9,6 +9,8 @@ open Expecto
 open TorchSharp
 open Gpt.Text
 open Gpt.Model
+open Gpt.Weights
+open Gpt.Kernels
 open Gpt.Training
 open Gpt.Tests.TestUtil
 open Gpt.Tests.ModelTestUtil

@@ -4,6 +4,8 @@ module Gpt.Tests.ModelTestUtil
 open Expecto
 open TorchSharp
 open Gpt.Model
+open Gpt.Weights
+open Gpt.Kernels
 
 /// Largest absolute elementwise difference.
 let maxAbsDifference (a: torch.Tensor) (b: torch.Tensor) =

@@ -6,6 +6,8 @@ open FsCheck
 open FsCheck.FSharp
 open TorchSharp
 open Gpt.Model
+open Gpt.Weights
+open Gpt.Kernels
 open Gpt.Tests.TestUtil
 open Gpt.Tests.ModelTestUtil
 
@@ -75,7 +77,7 @@ let layerTests =
             assign norm.Shift (randn 2 [ 10L ])
             use x = randn 3 [ 2L; 4L; 10L ]
             expectClose 1e-5 (norm.forward x) (norm.ForwardExplicit x) "fast vs explicit"
-            expectClose 1e-5 (Layers.layerNorm 1e-5 norm.Scale norm.Shift x) (Layers.layerNormFast 1e-5 norm.Scale norm.Shift x) "functions"
+            expectClose 1e-5 (Book.layerNorm 1e-5 norm.Scale norm.Shift x) (Norm.apply norm.Params x) "functions"
 
         testCase "LayerNorm: mean 0 and biased variance 1 per row; GPT-2 names" <| fun () ->
             use norm = new LayerNorm(5)
@@ -88,9 +90,9 @@ let layerTests =
 
         testCase "GELU: the book's tanh formula = the fast kernel; the exact erf GELU differs" <| fun () ->
             use x = torch.linspace(-6.0, 6.0, 1001L)
-            expectClose 1e-6 (Layers.gelu x) (Layers.geluFast x) "book vs fast"
+            expectClose 1e-6 (Book.gelu x) (Gelu.apply x) "book vs fast"
             use exact = torch.nn.functional.gelu x
-            Expect.isGreaterThan (maxAbsDifference (Layers.geluFast x) exact) 1e-4 "tanh approximation is not the erf GELU"
+            Expect.isGreaterThan (maxAbsDifference (Gelu.apply x) exact) 1e-4 "tanh approximation is not the erf GELU"
 
         testCase "FeedForward: 4x expansion with GPT-2 names, shape kept (book: [2, 3, 768])" <| fun () ->
             use feedForward = new FeedForward(768)
@@ -255,7 +257,7 @@ let generationTests =
             use model = new GptModel({ tinyConfig with DropRate = 0.3 }, 9L)
             model.train ()
             use prompt = randomIds 6 97 2 10
-            use generated = generateTextSimple model prompt 5 12 // 10 + 5 > 12: the last steps crop
+            use generated = Gpt.Generation.Generator.generateTextSimple model prompt 5 12 // 10 + 5 > 12: the last steps crop
             Expect.isTrue model.training "training mode restored"
             Expect.equal generated.shape [| 2L; 15L |] "[2, 15]"
             expectEqual (generated.narrow(1L, 0L, 10L)) prompt "prompt kept"
@@ -269,10 +271,10 @@ let generationTests =
         testCase "zero new tokens returns a copy; bad arguments fail" <| fun () ->
             use model = new GptModel(tinyConfig, 9L)
             use prompt = randomIds 7 97 1 4
-            use same = generateTextSimple model prompt 0 12
+            use same = Gpt.Generation.Generator.generateTextSimple model prompt 0 12
             expectEqual same prompt "copy"
-            throwsGpt [ "the generation context length must be in 1..12 (the model's), found 13" ] (fun () -> generateTextSimple model prompt 1 13 |> ignore) "context"
-            throwsGpt [ "the number of new tokens must not be negative, found -1" ] (fun () -> generateTextSimple model prompt -1 12 |> ignore) "negative"
+            throwsGpt [ "the generation context length must be in 1..12 (the model's), found 13" ] (fun () -> Gpt.Generation.Generator.generateTextSimple model prompt 1 13 |> ignore) "context"
+            throwsGpt [ "the number of new tokens must not be negative, found -1" ] (fun () -> Gpt.Generation.Generator.generateTextSimple model prompt -1 12 |> ignore) "negative"
     ]
 
 /// Small configurations with every switch.

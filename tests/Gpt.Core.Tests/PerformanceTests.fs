@@ -7,6 +7,8 @@ open TorchSharp
 open Gpt
 open Gpt.Bench
 open Gpt.Model
+open Gpt.Weights
+open Gpt.Kernels
 open Gpt.Training
 open Gpt.Tests.ModelTestUtil
 
@@ -253,19 +255,19 @@ let splitLinearTests =
             for b in [ bias; null ] do
                 use expected = torch.nn.functional.linear(x, weight, b)
                 let before = liveTensors ()
-                (use once = Layers.linear weight b x in ())
+                (use once = ParallelLinear.linear weight b x in ())
                 Expect.equal (liveTensors ()) before "no tensor handle left behind by the pool threads"
-                use actual = Layers.linear weight b x
+                use actual = ParallelLinear.linear weight b x
                 Expect.equal actual.shape [| 1L; 1L; 601L |] "shape (1, 1, out)"
                 expectClose 1e-6 actual expected (sprintf "values, bias %b" (not (isNull b)))
             // Several rows and small weights take functional.linear itself.
             use rows = randn 44 [ 2L; 3L; 500L ]
-            expectClose 0.0 (Layers.linear weight bias rows) (torch.nn.functional.linear(rows, weight, bias)) "several rows"
+            expectClose 0.0 (ParallelLinear.linear weight bias rows) (torch.nn.functional.linear(rows, weight, bias)) "several rows"
 
         testCase "with autograd on and a weight that needs a gradient, the plain path keeps the graph" <| fun () ->
             use weight = (randn 45 [ 600L; 500L ]).requires_grad_ true
             use x = randn 46 [ 1L; 500L ]
-            use y = Layers.linear weight null x
+            use y = ParallelLinear.linear weight null x
             Expect.isTrue y.requires_grad "part of the graph"
             use total = y.sum ()
             total.backward ()

@@ -7,6 +7,8 @@ open System.Text.Json
 open Expecto
 open TorchSharp
 open Gpt.Model
+open Gpt.Weights
+open Gpt.Kernels
 open Gpt.Tests.TestUtil
 open Gpt.Tests.ModelTestUtil
 
@@ -53,7 +55,7 @@ let goldenTest (name: string) =
             let expected = longs reference["greedy_ids"]
             Expect.isGreaterThan expected.Length model.Config.ContextLength "the fixture runs past the context length"
             use prompt2d = prompt.unsqueeze 0L
-            use generated = generateTextSimple model prompt2d (expected.Length - int prompt.shape[0]) model.Config.ContextLength
+            use generated = Gpt.Generation.Generator.generateTextSimple model prompt2d (expected.Length - int prompt.shape[0]) model.Config.ContextLength
             Expect.equal (longs generated) expected "greedy ids")
 
 [<Tests>]

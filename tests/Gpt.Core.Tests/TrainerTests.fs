@@ -52,13 +52,15 @@ let tests =
                     SamplePrompt = Some "abc"; SampleTokens = 5; WarmupSteps = 3; InitialLearningRate = 1e-3; MinLearningRate = 1e-3 }
             let data = trainingData (noisyIds 300 3)
             let events = ResizeArray()
-            let result = Trainer.train options model data None events.Add CancellationToken.None
+            // The plot is drawn by the plotting layer, which follows the trainer's events.
+            let result = Trainer.train options model data None (Gpt.Plot.Plots.followTrainer dir.Path events.Add) CancellationToken.None
             let plan = events |> Seq.pick (function Started p -> Some p | _ -> None)
             // 270 training tokens: (270 - 8 + 3) / 4 = 66 windows, 22 batches of 3 per epoch.
             Expect.equal plan.BatchesPerEpoch 22 "batches per epoch"
             Expect.equal plan.TotalSteps 44 "two epochs"
             Expect.equal plan.TokensPerStep 24L "3 x 8 tokens"
             Expect.equal plan.ParameterCount (int64 (12 * 8 + 8 * 12 + 12)) "parameters"
+            Expect.equal plan.TrainableParameterCount plan.ParameterCount "every parameter is trained"
             let steps = events |> Seq.choose (function Stepped p -> Some p | _ -> None) |> Array.ofSeq
             Expect.equal (steps |> Array.map _.Step) [| 1 .. 44 |] "every step"
             Expect.equal (steps |> Array.map _.Epoch |> Array.countBy id) [| 1, 22; 2, 22 |] "epochs"

@@ -5,6 +5,7 @@ open System.Diagnostics
 open System.Text
 open TorchSharp
 open Gpt
+open Gpt.Model
 open Gpt.Text
 
 /// The keys and values a model has cached for one batch of sequences (every row the same length).
@@ -80,6 +81,29 @@ module LanguageModel =
                 | :? ModuleCache<'Cache> as cache -> forwardCached (ids, cache.Inner)
                 | other -> Errors.fail "the cache passed to %s was not made by it (found %s)" (model.GetName()) (other.GetType().Name) }
 
+    /// A module without a cached path, ids [B, T] -> logits [B, T, vocabSize]: generation recomputes the window at
+    /// every step (UseKvCache = false).
+    let ofForward (model: torch.nn.Module<torch.Tensor, torch.Tensor>) (vocabSize: int) (contextLength: int) : ILanguageModel =
+        let noCache () = Errors.fail "%s has no key/value cache: generate with UseKvCache = false" (model.GetName())
+        ofModule model vocabSize contextLength (fun (_: int) -> noCache ()) (fun (_: torch.Tensor, _: IKvCache) -> noCache ())
+            (fun (_: IKvCache) -> 0) ignore
+
+    /// The same model seen through a shorter window: it is shown at most the last `contextLength` tokens (the book's
+    /// generate_text_simple takes the window as an argument).
+    let withContextLength (contextLength: int) (model: ILanguageModel) : ILanguageModel =
+        Errors.require (contextLength > 0 && contextLength <= model.ContextLength)
+            "the generation context length must be in 1..%d (the model's), found %d" model.ContextLength contextLength
+        { new ILanguageModel with
+            member _.VocabSize = model.VocabSize
+            member _.ContextLength = contextLength
+            member _.Device = model.Device
+            member _.Training
+                with get () = model.Training
+                and set (value: bool) = model.Training <- value
+            member _.Logits ids = model.Logits ids
+            member _.CreateCache batchSize = model.CreateCache batchSize
+            member _.LogitsCached(ids, cache) = model.LogitsCached(ids, cache) }
+
     /// The GPT model: forward for full recomputation, its preallocated KV cache for incremental decoding.
     let ofGpt (model: Gpt.Model.GptModel) : ILanguageModel =
         if isNull (box model) then nullArg "model"
@@ -137,22 +161,6 @@ type StopReason =
 /// The tokens generated for one prompt (the prompt itself not included).
 type Completion = { Tokens: int[]; StopReason: StopReason }
 
-/// Generation speed, for `gpt bench generate`.
-type Throughput =
-    { PromptTokens: int
-      NewTokens: int
-      UsedKvCache: bool
-      /// Time to the first new token (includes processing the prompt).
-      FirstTokenSeconds: float
-      /// Time for all new tokens (the median run's).
-      Seconds: float
-      /// NewTokens / Seconds: the median of the runs.
-      TokensPerSecond: float
-      /// Tokens per second of each timed run, in order.
-      RunTokensPerSecond: float[]
-      /// Tensor handles created per new token (the median run's): each is a .NET ↔ libtorch crossing.
-      TensorsPerToken: float }
-
 /// B token sequences of equal length and the model state that follows them. NextLogits gives the logits for the
 /// token after the last one, computed from the last ContextLength tokens (the book's sliding window), either by
 /// recomputing that window or through the KV cache: the same numbers either way.
@@ -175,9 +183,7 @@ type ContextWindow(model: ILanguageModel, prompts: int[][], useKvCache: bool) =
             if prompt.Length <> prompts[0].Length then
                 Errors.fail "sequences of one batch must have the same length: sequence 0 has %d tokens, sequence %d has %d"
                     prompts[0].Length row prompt.Length
-            for id in prompt do
-                if id < 0 || id >= model.VocabSize then
-                    Errors.fail "sequence %d: token id %d is outside the model's vocabulary (0..%d)" row id (model.VocabSize - 1)
+            Inputs.checkIdArray model.VocabSize (sprintf "sequence %d" row) prompt
 
     let batchSize = prompts.Length
     let contextLength = model.ContextLength
@@ -238,10 +244,8 @@ type ContextWindow(model: ILanguageModel, prompts: int[][], useKvCache: bool) =
         if isNull tokens || tokens.Length <> batchSize then
             Errors.fail "expected one token per sequence (%d), found %d" batchSize (if isNull tokens then 0 else tokens.Length)
         for row in 0 .. batchSize - 1 do
-            let id = tokens[row]
-            if id < 0 || id >= model.VocabSize then
-                Errors.fail "sequence %d: token id %d is outside the model's vocabulary (0..%d)" row id (model.VocabSize - 1)
-            rows[row].Add(int64 id)
+            Inputs.checkIdArray model.VocabSize (sprintf "sequence %d" row) [| tokens[row] |]
+            rows[row].Add(int64 tokens[row])
         length <- length + 1
 
     interface IDisposable with
@@ -330,9 +334,7 @@ module Generator =
             let prompt = prompts[index]
             if isNull prompt || prompt.Length = 0 then
                 Errors.fail "prompt %d is empty: generation needs at least one token (GPT-2 starts unconditional text from <|endoftext|>, id 50256)" index
-            for id in prompt do
-                if id < 0 || id >= model.VocabSize then
-                    Errors.fail "prompt %d: token id %d is outside the model's vocabulary (0..%d)" index id (model.VocabSize - 1)
+            Inputs.checkIdArray model.VocabSize (sprintf "prompt %d" index) prompt
 
     let private seedOf (options: GenerationOptions) =
         match options.Seed with
@@ -418,65 +420,19 @@ module Generator =
             text.Append piece |> ignore
         text.ToString()
 
-    /// The benchmark's greedy options and fixed prompt; checks the sizes.
-    let private benchmarkSetup (model: ILanguageModel) (promptTokens: int) (newTokens: int) (runs: int) =
-        if promptTokens < 1 then Errors.fail "the benchmark prompt needs at least 1 token, found %d" promptTokens
-        if newTokens < 1 then Errors.fail "the benchmark needs at least 1 new token, found %d" newTokens
-        if runs < 1 then Errors.fail "the benchmark needs at least 1 run, found %d" runs
-        let prompt = Array.init promptTokens (fun i -> (i * 7919 + 13) % model.VocabSize)
-        let options = { GenerationOptions.defaults with MaxNewTokens = newTokens; EndOfTextId = None }
-        prompt, options
-
-    /// Warm-up: a process's first few dozen tokens are slower (51 ms instead of 29 for gpt2-small's first 10 here),
-    /// so a couple of tokens are not enough to measure the steady state.
-    let private warmUp (model: ILanguageModel) (options: GenerationOptions) (prompt: int[]) =
-        generate model { options with MaxNewTokens = min 32 options.MaxNewTokens } [ prompt ] |> ignore
-
-    /// One timed generation: tokens generated, seconds to the first, seconds in all, tensor handles made.
-    let private timedRun (model: ILanguageModel) (options: GenerationOptions) (prompt: int[]) =
-        let statistics = DisposeScopeManager.Statistics
-        let created () = statistics.CreatedInScopeCount + statistics.CreatedOutsideScopeCount
-        let tensorsBefore = created ()
-        let clock = Stopwatch.StartNew()
-        use run = new Run(model, options, 0L, [| 0, crop model prompt |])
-        run.Step() |> ignore
-        let first = clock.Elapsed.TotalSeconds
-        while run.Step() do
-            ()
-        let seconds = clock.Elapsed.TotalSeconds
-        (run.Completion 0).Tokens.Length, first, seconds, float (created () - tensorsBefore)
-
-    /// The median of timed runs (by time; for an even count, the faster of the middle two).
-    let private summarise (promptTokens: int) (newTokens: int) (useKvCache: bool) (timed: (int * float * float * float)[]) =
-        let ordered = timed |> Array.sortBy (fun (_, _, seconds, _) -> seconds)
-        let generated, first, seconds, tensors = ordered[(timed.Length - 1) / 2]
-        { PromptTokens = promptTokens
-          NewTokens = generated
-          UsedKvCache = useKvCache
-          FirstTokenSeconds = first
-          Seconds = seconds
-          TokensPerSecond = float newTokens / seconds
-          RunTokensPerSecond = timed |> Array.map (fun (_, _, s, _) -> float newTokens / s)
-          TensorsPerToken = tensors / float newTokens }
-
-    /// Greedy generation of newTokens tokens (no end-of-text stop) after a fixed prompt of promptTokens tokens,
-    /// timed `runs` times after a warm-up run of up to 32 tokens; the result is the median run. For
-    /// `gpt bench generate`; the caller chooses the model and the sizes.
-    let measureTokensPerSecond (model: ILanguageModel) (promptTokens: int) (newTokens: int) (useKvCache: bool) (runs: int) : Throughput =
-        let prompt, options = benchmarkSetup model promptTokens newTokens runs
-        let options = { options with UseKvCache = useKvCache }
-        warmUp model options prompt
-        Array.init runs (fun _ -> timedRun model options prompt) |> summarise promptTokens newTokens useKvCache
-
-    /// The KV cache's speed-up, measured as a paired comparison: `runs` runs with the cache and `runs` without,
-    /// alternating, so that both see the same machine (this one's speed drifts by ±10% over minutes). Returns the
-    /// median with the cache, the median without, and their ratio.
-    let compareKvCache (model: ILanguageModel) (promptTokens: int) (newTokens: int) (runs: int) : Throughput * Throughput * float =
-        let prompt, options = benchmarkSetup model promptTokens newTokens runs
-        let cached, uncached = { options with UseKvCache = true }, { options with UseKvCache = false }
-        warmUp model cached prompt
-        warmUp model uncached prompt
-        let pairs = Array.init runs (fun _ -> timedRun model cached prompt, timedRun model uncached prompt)
-        let withCache = pairs |> Array.map fst |> summarise promptTokens newTokens true
-        let withoutCache = pairs |> Array.map snd |> summarise promptTokens newTokens false
-        withCache, withoutCache, withCache.TokensPerSecond / withoutCache.TokensPerSecond
+    /// The book's generate_text_simple (ch. 4): the most likely next token, `maxNewTokens` times, each time looking
+    /// at the last `contextLength` tokens. ids (B, T) -> (B, T + maxNewTokens), a new tensor of the ids' type. The
+    /// same greedy loop as `generate` (no end-of-text stop, recomputing the window at every step); the model's
+    /// train/eval mode is restored.
+    let generateTextSimple (model: GptModel) (ids: torch.Tensor) (maxNewTokens: int) (contextLength: int) : torch.Tensor =
+        Errors.require (maxNewTokens >= 0) "the number of new tokens must not be negative, found %d" maxNewTokens
+        let language = LanguageModel.ofGpt model |> LanguageModel.withContextLength contextLength
+        Errors.require (ids.dim () = 2L) "token ids must have shape [batch, length], found %s" (Errors.shapeText ids.shape)
+        let prompts =
+            use all = ids.to_type(torch.int64).contiguous()
+            all.data<int64>().ToArray() |> Array.map int |> Array.chunkBySize (max 1 (int ids.shape[1]))
+        let options = { GenerationOptions.defaults with MaxNewTokens = maxNewTokens; EndOfTextId = None; UseKvCache = false }
+        let completions = generate language options prompts
+        let rows = Array.map2 (fun (prompt: int[]) completion -> Array.append prompt completion.Tokens |> Array.map int64) prompts completions
+        use flat = torch.tensor(Array.concat rows)
+        flat.view(ids.shape[0], int64 rows[0].Length).``to``(ids.dtype)

@@ -76,6 +76,17 @@ module GptConfig =
         Errors.require (config.LayerNormEpsilon > 0.0 && not (System.Double.IsInfinity config.LayerNormEpsilon))
             "layer norm epsilon must be positive, found %g" config.LayerNormEpsilon
 
+    /// The fields two configurations disagree on, as "layers (the run has 4, asked for 2)" for owner "the run".
+    let differences (owner: string) (have: GptConfig) (asked: GptConfig) : string list =
+        let field name (value: GptConfig -> obj) =
+            if value have <> value asked then Some(sprintf "%s (%s has %O, asked for %O)" name owner (value have) (value asked)) else None
+        [ field "vocabulary size" (fun c -> box c.VocabSize); field "context length" (fun c -> box c.ContextLength)
+          field "embedding dimension" (fun c -> box c.EmbeddingDim); field "heads" (fun c -> box c.Heads)
+          field "layers" (fun c -> box c.Layers); field "dropout rate" (fun c -> box c.DropRate)
+          field "QKV bias" (fun c -> box c.QkvBias); field "tied head" (fun c -> box c.TiedHead)
+          field "layer norm epsilon" (fun c -> box c.LayerNormEpsilon) ]
+        |> List.choose id
+
     /// Parameters of one transformer block: two LayerNorms, attention (fused q|k|v and output projection)
     /// and the 4x feed-forward network.
     let blockParameterCount (config: GptConfig) =
@@ -101,3 +112,44 @@ module GptConfig =
 
     /// Parameter memory in float32 in mebibytes, as the book prints it ("621.83 MB").
     let memoryMegabytes (config: GptConfig) = float (memoryBytes config) / (1024.0 * 1024.0)
+
+/// The one place that checks model inputs: token ids (as a tensor or as arrays) and vector sequences.
+[<RequireQualifiedAccess>]
+module Inputs =
+    open TorchSharp
+
+    /// Fails unless every id of a sequence is in [0, vocabSize); `what` names the sequence ("prompt 2").
+    let checkIdArray (vocabSize: int) (what: string) (ids: int[]) =
+        for id in ids do
+            if id < 0 || id >= vocabSize then
+                Errors.fail "%s: token id %d is outside the model's vocabulary (0..%d)" what id (vocabSize - 1)
+
+    /// Fails unless ids is a non-empty [batch, length] integer tensor with length ≤ contextLength and every id in
+    /// [0, vocabSize).
+    let checkIds (vocabSize: int) (contextLength: int) (ids: torch.Tensor) =
+        if ids.dim () <> 2L then
+            Errors.fail "token ids must have shape [batch, length], found %s" (Errors.shapeText ids.shape)
+        if ids.dtype <> torch.int64 && ids.dtype <> torch.int32 then
+            Errors.fail "token ids must be integers (int64 or int32), found %O" ids.dtype
+        let length = ids.shape[1]
+        if length > int64 contextLength then
+            Errors.fail "sequence length %d exceeds the model's context length %d" length contextLength
+        if length = 0L || ids.shape[0] = 0L then
+            Errors.fail "token ids are empty: shape %s" (Errors.shapeText ids.shape)
+        // Every intermediate disposed: this runs outside any dispose scope for each generated token.
+        use minimum = ids.min()
+        use maximum = ids.max()
+        use lowest = minimum.to_type(torch.int64)
+        use highest = maximum.to_type(torch.int64)
+        let low = lowest.item<int64> ()
+        let high = highest.item<int64> ()
+        if low < 0L || high >= int64 vocabSize then
+            let bad = if low < 0L then low else high
+            Errors.fail "token id %d is outside the vocabulary (0..%d)" bad (vocabSize - 1)
+
+    /// Fails unless x is (B, T, dim) with T within the context length; `what` names the layer.
+    let checkVectors (what: string) (dim: int) (contextLength: int) (x: torch.Tensor) =
+        if x.dim () <> 3L || x.shape[2] <> int64 dim then
+            Errors.fail "%s input must have shape [batch, length, %d], found %s" what dim (Errors.shapeText x.shape)
+        if x.shape[1] > int64 contextLength then
+            Errors.fail "sequence length %d exceeds the %s context length %d" x.shape[1] what contextLength

@@ -79,24 +79,29 @@ module Corpus =
                 |> Seq.sort |> Array.ofSeq
             if files.Length = 0 then Errors.fail "glob '%s' matches no files" path
             files
-        else Errors.fail "data path '%s' is neither a file, a folder nor a glob that matches files" path
+        else Errors.fail "data path '%s' does not exist: expected a file, a folder or a glob such as 'data/*.txt'" path
 
     /// Loads every document a path names.
     let load (path: string) : Document[] = resolve path |> Array.map readFile
 
     /// Token ids of documents, joined by the tokenizer's end-of-text token where it has one (GPT-2 marks
-    /// document boundaries that way), checked to be long enough for at least one training window.
-    let encode (tokenizer: ITokenizer) (contextLength: int) (documents: Document seq) : int[] =
-        let documents = Array.ofSeq documents
+    /// document boundaries that way).
+    let tokenize (tokenizer: ITokenizer) (documents: Document seq) : int[] =
         let ids = ResizeArray<int>()
         documents
-        |> Array.iteri (fun index document ->
+        |> Seq.iteri (fun index document ->
             if index > 0 then
                 tokenizer.EndOfTextId |> Option.iter ids.Add
             ids.AddRange(tokenizer.Encode document.Text))
-        let needed = contextLength + 1
-        if ids.Count < needed then
-            let sources = documents |> Array.map (fun d -> d.Source) |> String.concat ", "
-            if ids.Count = 0 then Errors.fail "the text is empty (%s): at least %d tokens are needed for context length %d" sources needed contextLength
-            Errors.fail "the text is too short (%s): it has %d tokens, at least %d are needed for context length %d" sources ids.Count needed contextLength
         ids.ToArray()
+
+    /// tokenize, checked to be long enough for at least one training window of contextLength tokens.
+    let encode (tokenizer: ITokenizer) (contextLength: int) (documents: Document seq) : int[] =
+        let documents = Array.ofSeq documents
+        let ids = tokenize tokenizer documents
+        let needed = contextLength + 1
+        if ids.Length < needed then
+            let sources = documents |> Array.map (fun d -> d.Source) |> String.concat ", "
+            if ids.Length = 0 then Errors.fail "the text is empty (%s): at least %d tokens are needed for context length %d" sources needed contextLength
+            Errors.fail "the text is too short (%s): it has %d tokens, at least %d are needed for context length %d" sources ids.Length needed contextLength
+        ids

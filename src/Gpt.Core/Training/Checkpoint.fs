@@ -9,6 +9,7 @@ open System.Text.Json
 open TorchSharp
 open Gpt
 open Gpt.Model
+open Gpt.Weights
 
 /// Where a run stands, written into a checkpoint beside the model and optimizer tensors.
 type CheckpointState =
@@ -53,14 +54,6 @@ module Checkpoint =
     let optimizerFile = "optimizer.safetensors"
     let stateFile = "checkpoint.json"
 
-    /// Tensor files are the project's own safetensors (Gpt.Model.Safetensors): the model's state_dict under its own
-    /// names (Linear layout, not the Hugging Face Conv1D one) and AdamW's moments.
-    module private TensorFile =
-        let write (path: string) (tensors: (string * torch.Tensor) seq) = Safetensors.write path tensors
-
-        /// Name → tensor; the caller disposes the tensors.
-        let read (path: string) : Map<string, torch.Tensor> = Safetensors.read path
-
     let private directoryName (step: int) = sprintf "step-%08d" step
 
     let private sha256 (path: string) =
@@ -79,11 +72,14 @@ module Checkpoint =
 
     type private Document =
         { State: CheckpointState
+          /// "all": model.safetensors holds the whole state_dict; "trainable": only what was trained (the frozen
+          /// parameters come from the run's base model).
+          ModelTensors: string
           RngState: byte[]
           Steps: IReadOnlyDictionary<string, int64>
           Files: FileEntry[] }
 
-    let private writeDocument (path: string) (state: CheckpointState) (rng: byte[]) (optimizer: NamedAdamW) (files: FileEntry[]) =
+    let private writeDocument (path: string) (state: CheckpointState) (modelTensors: string) (rng: byte[]) (optimizer: NamedAdamW) (files: FileEntry[]) =
         let parseCheck what (json: string) =
             try JsonDocument.Parse(json).Dispose()
             with e -> raise (GptException(sprintf "the %s to store in a checkpoint is not valid JSON: %s" what e.Message, e))
@@ -110,6 +106,7 @@ module Checkpoint =
          writer.WriteNumber("data_seed", state.DataSeed)
          writer.WriteString("data_fingerprint", state.DataFingerprint)
          writer.WriteString("tokenizer", state.Tokenizer)
+         writer.WriteString("model_tensors", modelTensors)
          writer.WritePropertyName "model_configuration"
          writer.WriteRawValue state.ModelConfiguration
          writer.WritePropertyName "training_options"
@@ -143,6 +140,62 @@ module Checkpoint =
          writer.WriteEndObject())
         stream.Flush(true)
 
+    /// Typed access to the properties of a checkpoint.json, failing with its path and the property's name.
+    type private Fields(path: string, root: JsonElement) =
+        member _.Property(element: JsonElement, name: string) =
+            match element.TryGetProperty name with
+            | true, value -> value
+            | _ -> Errors.fail "checkpoint '%s': property '%s' is missing" path name
+        member this.Get(name: string) = this.Property(root, name)
+        member private this.Number(name: string, read: JsonElement -> bool * 'T) =
+            let value = this.Get name
+            match (if value.ValueKind = JsonValueKind.Number then read value else false, Unchecked.defaultof<'T>) with
+            | true, v -> v
+            | _ -> Errors.fail "checkpoint '%s': property '%s' should be a number, found %s" path name (value.GetRawText())
+        member this.Int32(name: string) = this.Number(name, fun v -> v.TryGetInt32())
+        member this.Int64(name: string) = this.Number(name, fun v -> v.TryGetInt64())
+        member this.Double(name: string) = this.Number(name, fun v -> v.TryGetDouble())
+        member this.OptionalDouble(name: string) =
+            if (this.Get name).ValueKind = JsonValueKind.Null then None else Some(this.Double name)
+        member this.Text(name: string) =
+            let value = this.Get name
+            if value.ValueKind <> JsonValueKind.String then
+                Errors.fail "checkpoint '%s': property '%s' should be a string, found %s" path name (value.GetRawText())
+            value.GetString()
+
+    let private readState (fields: Fields) : CheckpointState =
+        { Step = fields.Int32 "step"
+          Epoch = fields.Int32 "epoch"
+          BatchInEpoch = fields.Int32 "batch_in_epoch"
+          BatchesPerEpoch = fields.Int32 "batches_per_epoch"
+          TokensSeen = fields.Int64 "tokens_seen"
+          ElapsedSeconds = fields.Double "elapsed_s"
+          ValidationLoss = fields.OptionalDouble "validation_loss"
+          BestValidationLoss = fields.OptionalDouble "best_validation_loss"
+          DataSeed = fields.Int32 "data_seed"
+          DataFingerprint = fields.Text "data_fingerprint"
+          Tokenizer = fields.Text "tokenizer"
+          ModelConfiguration = (fields.Get "model_configuration").GetRawText()
+          TrainingOptions = (fields.Get "training_options").GetRawText() }
+
+    let private readSteps (fields: Fields) =
+        let steps = Dictionary<string, int64>()
+        for group in (fields.Property(fields.Get "optimizer", "groups")).EnumerateArray() do
+            for entry in (fields.Property(group, "steps")).EnumerateObject() do
+                steps[entry.Name] <- entry.Value.GetInt64()
+        steps
+
+    let private readFiles (path: string) (fields: Fields) =
+        let files =
+            [| for entry in (fields.Get "files").EnumerateObject() ->
+                   { Name = entry.Name
+                     Bytes = (fields.Property(entry.Value, "bytes")).GetInt64()
+                     Sha256 = (fields.Property(entry.Value, "sha256")).GetString() } |]
+        for required in [ modelFile; optimizerFile ] do
+            if not (files |> Array.exists (fun f -> f.Name = required)) then
+                Errors.fail "checkpoint '%s': no entry for %s under 'files'" path required
+        files
+
     let private readDocument (directory: string) : Document =
         let path = Path.Combine(directory, stateFile)
         if not (Directory.Exists directory) then Errors.fail "checkpoint directory '%s' does not exist" directory
@@ -151,61 +204,20 @@ module Checkpoint =
         use document =
             try JsonDocument.Parse(File.ReadAllBytes path)
             with :? JsonException as e -> raise (GptException(sprintf "checkpoint '%s' is not valid JSON: %s" path e.Message, e))
-        let root = document.RootElement
-        let property (element: JsonElement) (name: string) =
-            match element.TryGetProperty name with
-            | true, value -> value
-            | _ -> Errors.fail "checkpoint '%s': property '%s' is missing" path name
-        let number (name: string) (read: JsonElement -> bool * 'T) =
-            let value = property root name
-            match (if value.ValueKind = JsonValueKind.Number then read value else false, Unchecked.defaultof<'T>) with
-            | true, v -> v
-            | _ -> Errors.fail "checkpoint '%s': property '%s' should be a number, found %s" path name (value.GetRawText())
-        let int32 name = number name (fun v -> v.TryGetInt32())
-        let int64 name = number name (fun v -> v.TryGetInt64())
-        let double name = number name (fun v -> v.TryGetDouble())
-        let text (name: string) =
-            let value = property root name
-            if value.ValueKind <> JsonValueKind.String then
-                Errors.fail "checkpoint '%s': property '%s' should be a string, found %s" path name (value.GetRawText())
-            value.GetString()
-        let optionalDouble name =
-            if (property root name).ValueKind = JsonValueKind.Null then None else Some(double name)
-        let format = text "format"
+        let fields = Fields(path, document.RootElement)
+        let format = fields.Text "format"
         if format <> formatName then Errors.fail "checkpoint '%s': format '%s', expected '%s'" path format formatName
-        let version = int32 "version"
+        let version = fields.Int32 "version"
         if version <> formatVersion then
             Errors.fail "checkpoint '%s' has format version %d; this program reads version %d" path version formatVersion
-        let state =
-            { Step = int32 "step"
-              Epoch = int32 "epoch"
-              BatchInEpoch = int32 "batch_in_epoch"
-              BatchesPerEpoch = int32 "batches_per_epoch"
-              TokensSeen = int64 "tokens_seen"
-              ElapsedSeconds = double "elapsed_s"
-              ValidationLoss = optionalDouble "validation_loss"
-              BestValidationLoss = optionalDouble "best_validation_loss"
-              DataSeed = int32 "data_seed"
-              DataFingerprint = text "data_fingerprint"
-              Tokenizer = text "tokenizer"
-              ModelConfiguration = (property root "model_configuration").GetRawText()
-              TrainingOptions = (property root "training_options").GetRawText() }
+        let modelTensors =
+            match document.RootElement.TryGetProperty "model_tensors" with
+            | true, _ -> fields.Text "model_tensors"
+            | _ -> "all"
         let rng =
-            try Convert.FromBase64String(text "torch_rng_state")
+            try Convert.FromBase64String(fields.Text "torch_rng_state")
             with :? FormatException -> Errors.fail "checkpoint '%s': torch_rng_state is not base64" path
-        let steps = Dictionary<string, int64>()
-        for group in (property (property root "optimizer") "groups").EnumerateArray() do
-            for entry in (property group "steps").EnumerateObject() do
-                steps[entry.Name] <- entry.Value.GetInt64()
-        let files =
-            [| for entry in (property root "files").EnumerateObject() ->
-                   { Name = entry.Name
-                     Bytes = (property entry.Value "bytes").GetInt64()
-                     Sha256 = (property entry.Value "sha256").GetString() } |]
-        for required in [ modelFile; optimizerFile ] do
-            if not (files |> Array.exists (fun f -> f.Name = required)) then
-                Errors.fail "checkpoint '%s': no entry for %s under 'files'" path required
-        { State = state; RngState = rng; Steps = steps; Files = files }
+        { State = readState fields; ModelTensors = modelTensors; RngState = rng; Steps = readSteps fields; Files = readFiles path fields }
 
     /// Checks that the tensor files are there with the recorded sizes (cheap) and, when `hashes`, the recorded SHA-256.
     let private checkFiles (directory: string) (document: Document) (hashes: bool) =
@@ -220,22 +232,19 @@ module Checkpoint =
 
     // ---- model state ----
 
-    /// Copies tensors into a model's state_dict, checking that the names, shapes and types match exactly.
+    /// The model tensors a checkpoint holds: the state_dict without the frozen parameters (those that require no
+    /// gradient come from the run's base model), and whether that is all of it.
+    let savedTensors (model: torch.nn.Module) : (string * torch.Tensor) list * bool =
+        let frozen = HashSet<string>()
+        for struct (name, parameter) in model.named_parameters () do
+            if not parameter.requires_grad then frozen.Add name |> ignore
+        [ for KeyValue(name, tensor) in model.state_dict () do if not (frozen.Contains name) then name, tensor ], frozen.Count = 0
+
+    /// Copies tensors into the model's saved tensors (savedTensors), checking that the names, shapes and types match
+    /// exactly.
     let loadStateDict (source: string) (model: torch.nn.Module) (tensors: IReadOnlyDictionary<string, torch.Tensor>) =
-        let target = model.state_dict ()
-        let missing = target.Keys |> Seq.filter (tensors.ContainsKey >> not) |> Seq.sort |> Array.ofSeq
-        let unexpected = tensors.Keys |> Seq.filter (target.ContainsKey >> not) |> Seq.sort |> Array.ofSeq
-        if missing.Length > 0 then Errors.fail "checkpoint '%s': missing keys: %s" source (String.Join(", ", missing))
-        if unexpected.Length > 0 then Errors.fail "checkpoint '%s': unexpected keys: %s" source (String.Join(", ", unexpected))
-        use _ = torch.no_grad ()
-        for KeyValue(name, destination) in target do
-            let value = tensors[name]
-            if value.shape <> destination.shape then
-                Errors.fail "checkpoint '%s': tensor '%s' has shape %s, expected %s"
-                    source name (Errors.shapeText value.shape) (Errors.shapeText destination.shape)
-            if value.dtype <> destination.dtype then
-                Errors.fail "checkpoint '%s': tensor '%s' has type %O, expected %O" source name value.dtype destination.dtype
-            destination.copy_(value) |> ignore
+        let slots = [ for name, tensor in fst (savedTensors model) -> { StateDict.Name = name; StateDict.Destination = tensor; StateDict.Layout = StateDict.Exact } ]
+        StateDict.copy (sprintf "checkpoint '%s'" source) "keys" id slots tensors
 
     // ---- listing ----
 
@@ -311,10 +320,12 @@ module Checkpoint =
             let entry name =
                 let path = Path.Combine(temporary, name)
                 { Name = name; Bytes = FileInfo(path).Length; Sha256 = sha256 path }
-            TensorFile.write (Path.Combine(temporary, modelFile)) (model.state_dict () |> Seq.map (fun kv -> kv.Key, kv.Value))
-            TensorFile.write (Path.Combine(temporary, optimizerFile)) (Optimizer.momentTensors optimizer)
+            let tensors, all = savedTensors model
+            Safetensors.write (Path.Combine(temporary, modelFile)) tensors
+            Safetensors.write (Path.Combine(temporary, optimizerFile)) (Optimizer.momentTensors optimizer)
             // checkpoint.json last: a directory without it was never finished.
-            writeDocument (Path.Combine(temporary, stateFile)) state rng optimizer [| entry modelFile; entry optimizerFile |]
+            let modelTensors = if all then "all" else "trainable"
+            writeDocument (Path.Combine(temporary, stateFile)) state modelTensors rng optimizer [| entry modelFile; entry optimizerFile |]
             if Directory.Exists final then
                 // Same step saved again (a cancel right after a periodic save): swap the old one out first.
                 let old = Path.Combine(root, sprintf ".tmp-old-%s-%s" (directoryName state.Step) (Guid.NewGuid().ToString "N"))
@@ -338,7 +349,7 @@ module Checkpoint =
     let loadModel (directory: string) (model: torch.nn.Module) =
         let document = readDocument directory
         checkFiles directory document true
-        let tensors = TensorFile.read (Path.Combine(directory, modelFile))
+        let tensors = Safetensors.read (Path.Combine(directory, modelFile))
         try loadStateDict directory model tensors
         finally for t in tensors.Values do t.Dispose()
 
@@ -347,10 +358,10 @@ module Checkpoint =
     let restore (directory: string) (model: torch.nn.Module) (optimizer: NamedAdamW) : CheckpointState =
         let document = readDocument directory
         checkFiles directory document true
-        (let tensors = TensorFile.read (Path.Combine(directory, modelFile))
+        (let tensors = Safetensors.read (Path.Combine(directory, modelFile))
          try loadStateDict directory model tensors
          finally for t in tensors.Values do t.Dispose())
-        (let moments = TensorFile.read (Path.Combine(directory, optimizerFile))
+        (let moments = Safetensors.read (Path.Combine(directory, optimizerFile))
          try Optimizer.restoreState (Path.Combine(directory, optimizerFile)) optimizer moments document.Steps
          finally for t in moments.Values do t.Dispose())
         (use rng = torch.tensor(document.RngState, dtype = torch.uint8)
@@ -363,9 +374,11 @@ module Checkpoint =
     /// (checked against the recorded SHA-256). `path` is anything `resolve` accepts. Returned in eval mode.
     let loadGpt (path: string) : GptModel =
         let directory = resolve path
-        let state = read directory
-        let config = Pretrained.parseConfig (Path.Combine(directory, stateFile) + " (model_configuration)") state.ModelConfiguration
-        let model = new GptModel(config, None, false) // every weight is overwritten by the checkpoint's
+        let document = readDocument directory
+        if document.ModelTensors <> "all" then
+            Errors.fail "checkpoint '%s' holds only the trained parameters of a fine-tuning run, not a whole model: resume its run, or use the model its run wrote" directory
+        let config = Pretrained.parseConfig (Path.Combine(directory, stateFile) + " (model_configuration)") document.State.ModelConfiguration
+        let model = GptModel.Uninitialised config // every weight is overwritten by the checkpoint's
         try
             loadModel directory model
             model.eval ()

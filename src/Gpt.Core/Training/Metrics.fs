@@ -16,11 +16,15 @@ type EvaluationRecord =
       /// evaluate_model measures it.
       TrainLoss: float
       ValidationLoss: float
+      /// Share of correct predictions on the evaluated training and validation batches, for objectives that have one
+      /// (classification).
+      TrainAccuracy: float option
+      ValidationAccuracy: float option
       LearningRate: float
       ElapsedSeconds: float
       TokensPerSecond: float }
 
-/// The training log (JSON Lines, one object per evaluation) and the book's loss plot.
+/// The training log: JSON Lines, one object per evaluation.
 [<RequireQualifiedAccess>]
 module Metrics =
     /// One record as a single-line JSON object with snake_case names; non-finite numbers become null.
@@ -35,6 +39,8 @@ module Metrics =
          writer.WriteNumber("tokens_seen", record.TokensSeen)
          number "train_loss" record.TrainLoss
          number "val_loss" record.ValidationLoss
+         record.TrainAccuracy |> Option.iter (number "train_accuracy")
+         record.ValidationAccuracy |> Option.iter (number "val_accuracy")
          number "lr" record.LearningRate
          number "elapsed_s" record.ElapsedSeconds
          number "tokens_per_s" record.TokensPerSecond
@@ -57,11 +63,19 @@ module Metrics =
             | JsonValueKind.Number -> value.GetDouble()
             | JsonValueKind.Null -> nan
             | _ -> Errors.fail "%s: property '%s' should be a number, found %s" where name (value.GetRawText())
+        let optionalNumber (name: string) =
+            match root.TryGetProperty name with
+            | true, value when value.ValueKind = JsonValueKind.Number -> Some(value.GetDouble())
+            | true, value when value.ValueKind <> JsonValueKind.Null ->
+                Errors.fail "%s: property '%s' should be a number, found %s" where name (value.GetRawText())
+            | _ -> None
         { Step = int (number "step")
           Epoch = int (number "epoch")
           TokensSeen = int64 (number "tokens_seen")
           TrainLoss = number "train_loss"
           ValidationLoss = number "val_loss"
+          TrainAccuracy = optionalNumber "train_accuracy"
+          ValidationAccuracy = optionalNumber "val_accuracy"
           LearningRate = number "lr"
           ElapsedSeconds = number "elapsed_s"
           TokensPerSecond = number "tokens_per_s" }
@@ -111,42 +125,3 @@ module Metrics =
                 let bytes = Encoding.UTF8.GetBytes(toJson record + "\n")
                 stream.Write(bytes, 0, bytes.Length)
             stream.Flush(true))
-
-    /// The book's figure: training and validation loss against tokens seen (bottom axis), with the epochs on a
-    /// secondary top axis and a dotted line where each epoch ends. Written as a PNG, atomically.
-    let plot (path: string) (tokensPerEpoch: int64) (records: EvaluationRecord seq) =
-        Errors.require (tokensPerEpoch > 0L) "tokens per epoch must be positive, found %d" tokensPerEpoch
-        let records = Array.ofSeq records
-        let series (value: EvaluationRecord -> float) =
-            let points = records |> Array.filter (fun r -> Double.IsFinite(value r))
-            points |> Array.map (fun r -> float r.TokensSeen), points |> Array.map value
-        use plot = new ScottPlot.Plot()
-        let trainX, trainY = series _.TrainLoss
-        let validationX, validationY = series _.ValidationLoss
-        let training = plot.Add.Scatter(trainX, trainY)
-        training.LegendText <- "Training loss"
-        let validation = plot.Add.Scatter(validationX, validationY)
-        validation.LegendText <- "Validation loss"
-        validation.LinePattern <- ScottPlot.LinePattern.Dashed
-        plot.XLabel "Tokens seen"
-        plot.YLabel "Loss"
-        plot.ShowLegend(ScottPlot.Alignment.UpperRight) |> ignore
-        let lastTokens = if records.Length = 0 then 0L else records |> Array.map _.TokensSeen |> Array.max
-        let right = float (max lastTokens 1L) * 1.03
-        let epochs = int (lastTokens / tokensPerEpoch)
-        for epoch in 1 .. epochs do
-            let line = plot.Add.VerticalLine(float (int64 epoch * tokensPerEpoch))
-            line.LinePattern <- ScottPlot.LinePattern.Dotted
-            line.Color <- ScottPlot.Colors.Gray
-        // The epoch axis shares the token coordinate: a tick where each epoch ends. (Its labels say "epoch k"
-        // instead of an axis title: ScottPlot 5.1 draws a top-axis title over the plot title.)
-        let step = max 1 (epochs / 10 + 1)
-        let ticks = ScottPlot.TickGenerators.NumericManual()
-        for epoch in step .. step .. epochs do
-            ticks.AddMajor(float (int64 epoch * tokensPerEpoch), sprintf "epoch %d" epoch)
-        plot.Axes.Top.TickGenerator <- ticks
-        plot.Title "Training and validation loss"
-        plot.Axes.SetLimitsX(0.0, right, plot.Axes.Bottom)
-        plot.Axes.SetLimitsX(0.0, right, plot.Axes.Top)
-        let bytes = plot.GetImageBytes(800, 500, ScottPlot.ImageFormat.Png)
-        writeAtomically path (fun temporary -> File.WriteAllBytes(temporary, bytes))

@@ -5,6 +5,8 @@ open System.Collections.Generic
 open TorchSharp
 open TorchSharp.Modules
 open Gpt
+open Gpt.Kernels
+open Gpt.Weights
 
 /// AdamW hyperparameters.
 type AdamWSettings =
@@ -134,14 +136,15 @@ module Optimizer =
     let defaults =
         { LearningRate = 4e-4; Beta1 = 0.9; Beta2 = 0.999; Epsilon = 1e-8; WeightDecay = 0.1; DecayAll = false }
 
-    /// Splits a model's trainable parameters into a decayed group and a non-decayed group (empty groups are left
-    /// out). A tensor shared under two names (tied weights) is listed once, under its first name: AdamW would
-    /// otherwise step it twice.
-    let parameterGroups (weightDecay: float) (decayAll: bool) (model: torch.nn.Module) : NamedParameterGroup[] =
+    /// A module's trainable parameters by name: those that require a gradient, each tensor once. A tensor shared
+    /// under two names (tied weights) is listed once, under its first name: AdamW would otherwise step it twice.
+    let trainable (model: torch.nn.Module) : (string * Parameter)[] =
         let seen = HashSet<nativeint>()
-        let named =
-            [| for struct (name, parameter) in model.named_parameters () do
-                   if parameter.requires_grad && seen.Add parameter.Handle then yield name, parameter |]
+        [| for struct (name, parameter) in model.named_parameters () do
+               if parameter.requires_grad && seen.Add parameter.Handle then yield name, parameter |]
+
+    /// Splits named parameters into a decayed group and a non-decayed group (empty groups are left out).
+    let groupsOf (weightDecay: float) (decayAll: bool) (named: (string * Parameter)[]) : NamedParameterGroup[] =
         let group (members: (string * Parameter)[]) decay =
             { Names = Array.map fst members; Parameters = Array.map snd members; WeightDecay = decay }
         let decayed, undecayed =
@@ -149,15 +152,23 @@ module Optimizer =
         [| if decayed.Length > 0 then group decayed weightDecay
            if undecayed.Length > 0 then group undecayed 0.0 |]
 
-    /// AdamW over a model's parameters with the settings' weight-decay policy.
-    let adamW (settings: AdamWSettings) (model: torch.nn.Module) : NamedAdamW =
+    /// A model's trainable parameters in a decayed and a non-decayed group.
+    let parameterGroups (weightDecay: float) (decayAll: bool) (model: torch.nn.Module) : NamedParameterGroup[] =
+        groupsOf weightDecay decayAll (trainable model)
+
+    /// AdamW over named parameters with the settings' weight-decay policy. Only these parameters are stepped and get
+    /// optimizer state.
+    let adamWOver (settings: AdamWSettings) (named: (string * Parameter)[]) : NamedAdamW =
         Errors.require (settings.LearningRate >= 0.0) "the learning rate must not be negative, found %g" settings.LearningRate
         Errors.require (settings.Beta1 >= 0.0 && settings.Beta1 < 1.0 && settings.Beta2 >= 0.0 && settings.Beta2 < 1.0)
             "AdamW betas must be in [0, 1), found (%g, %g)" settings.Beta1 settings.Beta2
         Errors.require (settings.WeightDecay >= 0.0) "weight decay must not be negative, found %g" settings.WeightDecay
-        let groups = parameterGroups settings.WeightDecay settings.DecayAll model
+        let groups = groupsOf settings.WeightDecay settings.DecayAll named
         if groups.Length = 0 then Errors.fail "the model has no trainable parameters"
         new NamedAdamW(groups, settings)
+
+    /// AdamW over a model's trainable parameters.
+    let adamW (settings: AdamWSettings) (model: torch.nn.Module) : NamedAdamW = adamWOver settings (trainable model)
 
     /// The global L2 norm of the gradients, as if all were one vector (parameters without a gradient count 0).
     let gradientNorm (parameters: Parameter seq) : float =
@@ -191,21 +202,13 @@ module Optimizer =
     /// Every parameter must be present with the right shape; `source` names the file in error messages.
     let restoreState (source: string) (optimizer: NamedAdamW) (moments: IReadOnlyDictionary<string, torch.Tensor>) (steps: IReadOnlyDictionary<string, int64>) =
         let states = optimizer.States
-        let expected = states |> Array.collect (fun (name, _) -> [| name + ".exp_avg"; name + ".exp_avg_sq" |])
-        let missing = expected |> Array.filter (moments.ContainsKey >> not)
-        let unexpected = moments.Keys |> Seq.filter (fun k -> not (Array.contains k expected)) |> Seq.sort |> Array.ofSeq
-        if missing.Length > 0 then Errors.fail "optimizer state '%s': missing tensors: %s" source (String.Join(", ", missing))
-        if unexpected.Length > 0 then Errors.fail "optimizer state '%s': unexpected tensors: %s" source (String.Join(", ", unexpected))
+        let slots =
+            [ for name, state in states do
+                  { StateDict.Name = name + ".exp_avg"; StateDict.Destination = state.exp_avg; StateDict.Layout = StateDict.Exact }
+                  { StateDict.Name = name + ".exp_avg_sq"; StateDict.Destination = state.exp_avg_sq; StateDict.Layout = StateDict.Exact } ]
         let noSteps = states |> Array.map fst |> Array.filter (steps.ContainsKey >> not)
-        if noSteps.Length > 0 then Errors.fail "optimizer state '%s': no step count for: %s" source (String.Join(", ", noSteps))
-        use _ = torch.no_grad ()
+        match StateDict.problems "tensors" id slots moments with
+        | [] when noSteps.Length > 0 -> Errors.fail "optimizer state '%s': no step count for: %s" source (String.Join(", ", noSteps))
+        | _ -> StateDict.copy (sprintf "optimizer state '%s'" source) "tensors" id slots moments
         for name, state in states do
-            for key, target in [ name + ".exp_avg", state.exp_avg; name + ".exp_avg_sq", state.exp_avg_sq ] do
-                let value = moments[key]
-                if value.shape <> target.shape then
-                    Errors.fail "optimizer state '%s': tensor '%s' has shape %s, expected %s"
-                        source key (Errors.shapeText value.shape) (Errors.shapeText target.shape)
-                if value.dtype <> target.dtype then
-                    Errors.fail "optimizer state '%s': tensor '%s' has type %O, expected %O" source key value.dtype target.dtype
-                target.copy_(value) |> ignore
             state.step <- steps[name]

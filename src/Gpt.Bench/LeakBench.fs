@@ -76,7 +76,7 @@ module LeakBench =
         let mutable liveMax = 0L
         model.train ()
         for index in 1 .. steps do
-            TrainBench.step model optimizer batchSize length (batch ()) |> ignore
+            TrainBench.step model optimizer (Some 1.0) batchSize length (batch ()) |> ignore
             if index % generationInterval = 0 then
                 let prompt = Array.init 5 (fun _ -> random.Next config.VocabSize)
                 Generator.generate language generationOptions [ prompt ] |> ignore

@@ -1,11 +1,13 @@
-namespace Gpt.Model
+namespace Gpt.Weights
 
 open System
+open System.Collections.Generic
 open System.IO
 open System.Text.Json
 open System.Text.RegularExpressions
 open TorchSharp
 open Gpt
+open Gpt.Model
 
 /// Weights in the Hugging Face GPT-2 layout: a directory with `config.json` and `model.safetensors`, the layout
 /// `transformers.GPT2LMHeadModel` reads and writes.
@@ -164,34 +166,12 @@ module Pretrained =
         let redundant (name: string) =
             (tied && name = "lm_head.weight") || (not qkvBias && name.EndsWith(".attn.c_attn.bias", StringComparison.Ordinal))
         let available = byName |> Map.filter (fun name _ -> not (redundant name))
-        let model = new GptModel(config, None, false) // every weight is overwritten below
+        let model = GptModel.Uninitialised config // every weight is overwritten below
         try
-            let expected = model.state_dict () |> Seq.map (fun (KeyValue(name, tensor)) -> name, tensor) |> List.ofSeq
-            let expectedNames = expected |> List.map fst |> Set.ofList
-            let missing = expected |> List.map fst |> List.filter (fun name -> not (available.ContainsKey name))
-            let unexpected = available |> Map.toList |> List.map (fun (_, (original, _)) -> original) |> List.filter (fun original -> not (expectedNames.Contains(stripPrefix original)))
-            let problems =
-                [ for name, parameter in expected do
-                      match available.TryFind name with
-                      | None -> ()
-                      | Some(original, tensor) ->
-                          let wanted = if isConv1DWeight name then Array.rev parameter.shape else parameter.shape
-                          if not (tensor.is_floating_point ()) then
-                              yield sprintf "tensor '%s' has dtype %O, expected a floating-point dtype" original tensor.dtype
-                          elif tensor.shape <> wanted then
-                              let layout = if isConv1DWeight name then " (Conv1D layout [in, out])" else ""
-                              yield sprintf "tensor '%s' has shape %s, expected %s%s" original (Errors.shapeText tensor.shape) (Errors.shapeText wanted) layout
-                  if not missing.IsEmpty then yield "missing keys: " + String.concat ", " missing
-                  if not unexpected.IsEmpty then yield "unexpected keys: " + String.concat ", " unexpected ]
-            if not problems.IsEmpty then fail "%s" (String.concat "; " problems)
-            use _ = torch.no_grad ()
-            for name, parameter in expected do
-                let _, tensor = available[name]
-                if isConv1DWeight name then
-                    use transposed = tensor.t ()
-                    parameter.copy_ transposed |> ignore
-                else
-                    parameter.copy_ tensor |> ignore
+            let layout name = if isConv1DWeight name then StateDict.TransposedFloat else StateDict.AnyFloat
+            let stored = available |> Map.map (fun _ (_, tensor) -> tensor) |> Dictionary
+            let display name = match available.TryFind name with Some(original, _) -> original | None -> name
+            StateDict.copy (sprintf "checkpoint '%s'" source) "keys" display (StateDict.slotsOf layout model) stored
             model.eval ()
             model
         with _ ->

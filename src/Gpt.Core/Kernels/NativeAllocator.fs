@@ -1,4 +1,4 @@
-namespace Gpt
+namespace Gpt.Kernels
 
 open System
 open System.Runtime.InteropServices

@@ -1,4 +1,4 @@
-namespace Gpt.Model
+namespace Gpt.Weights
 
 open System
 open System.IO

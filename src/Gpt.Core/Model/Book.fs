@@ -1,13 +1,56 @@
 namespace Gpt.Model
 
+// The book's chapters 2 to 4 one step at a time, kept as real, tested code next to the fast path of Gpt.fs: the
+// explicit LayerNorm and GELU formulas, token + position embeddings, and the attention variants of chapter 3. Every
+// attention variant computes the same thing as the next one given the same weights (the tests copy weights between
+// them); the last one, MultiHeadAttention, is what Attention.forward in Gpt.fs computes with libtorch's fused kernel.
+
 open System
 open TorchSharp
 open TorchSharp.Modules
 open type TorchSharp.torch.nn
 open Gpt
 
-// The book's chapter 3, one step at a time: every variant below computes the same thing as the next one given the
-// same weights (the tests copy weights between them), and the last one, CausalSelfAttention, is what GptModel runs.
+/// The book's layer formulas, written out (Gpt.fs runs libtorch's fused kernels for the same maths).
+[<RequireQualifiedAccess>]
+module Book =
+    /// The book's LayerNorm, written out: normalise the last axis to mean 0 and variance 1 (the biased variance,
+    /// dividing by n as GPT-2 does, not n - 1), then scale and shift. x [.., C], scale [C], shift [C].
+    let layerNorm (epsilon: float) (scale: torch.Tensor) (shift: torch.Tensor) (x: torch.Tensor) =
+        use scope = torch.NewDisposeScope()
+        let mean = x.mean([| -1L |], keepdim = true)
+        let variance = x.var(-1L, unbiased = false, keepdim = true)
+        let normalised = (x - mean) / torch.sqrt(variance + epsilon)
+        (scale * normalised + shift).MoveToOuterDisposeScope()
+
+    /// The book's GELU, the tanh approximation GPT-2 was trained with:
+    /// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    /// The exact erf GELU differs by up to 4e-4, enough to drift away from the released weights.
+    let gelu (x: torch.Tensor) =
+        use scope = torch.NewDisposeScope()
+        let inner = (x + x * x * x * 0.044715) * Math.Sqrt(2.0 / Math.PI)
+        (x * 0.5 * (torch.tanh inner + 1.0)).MoveToOuterDisposeScope()
+
+/// Token plus positional embeddings (book ch. 2): ids [B, T] → vectors [B, T, embeddingDim].
+type TokenAndPositionEmbedding(vocabSize: int, contextLength: int, embeddingDim: int) as this =
+    inherit Module<torch.Tensor, torch.Tensor>("TokenAndPositionEmbedding")
+    do
+        Errors.require (vocabSize > 0) "vocabulary size must be positive, found %d" vocabSize
+        Errors.require (contextLength > 0) "context length must be positive, found %d" contextLength
+        Errors.require (embeddingDim > 0) "embedding dimension must be positive, found %d" embeddingDim
+    let wte = Embedding(int64 vocabSize, int64 embeddingDim)
+    let wpe = Embedding(int64 contextLength, int64 embeddingDim)
+    do this.RegisterComponents()
+
+    member _.TokenEmbedding = wte
+    member _.PositionEmbedding = wpe
+
+    override _.forward(ids: torch.Tensor) =
+        Inputs.checkIds vocabSize contextLength ids
+        use positions = torch.arange(ids.shape[1], device = ids.device)
+        use tokens = wte.forward ids // (B, T, C)
+        use places = wpe.forward positions // (T, C), broadcast over B
+        tokens + places
 
 /// The attention maths shared by the explicit variants.
 [<RequireQualifiedAccess>]
@@ -27,13 +70,6 @@ module AttentionMath =
         let masked = scores.masked_fill(causalMask length queries.device, Double.NegativeInfinity)
         // Dividing by sqrt(hs) keeps the scores' variance near 1, so the softmax does not saturate.
         (masked / Math.Sqrt(float headSize)).softmax(-1L).MoveToOuterDisposeScope()
-
-    /// Fails unless x is (B, T, dIn) with T within the context length.
-    let checkInput (what: string) (inputDim: int) (contextLength: int) (x: torch.Tensor) =
-        if x.dim () <> 3L || x.shape[2] <> int64 inputDim then
-            Errors.fail "%s input must have shape [batch, length, %d], found %s" what inputDim (Errors.shapeText x.shape)
-        if x.shape[1] > int64 contextLength then
-            Errors.fail "sequence length %d exceeds the %s context length %d" x.shape[1] what contextLength
 
 /// Book §3.3: self-attention without trainable weights, on one sequence of vectors x (T, d).
 [<RequireQualifiedAccess>]
@@ -119,7 +155,7 @@ type CausalAttention(inputDim: int, outputDim: int, contextLength: int, dropRate
 
     /// The causal attention weights before dropout. x (B, T, dIn) -> (B, T, T)
     member _.AttentionWeights(x: torch.Tensor) =
-        AttentionMath.checkInput "causal attention" inputDim contextLength x
+        Inputs.checkVectors "causal attention" inputDim contextLength x
         use queries = W_query.forward x // (B, T, dOut)
         use keys = W_key.forward x
         AttentionMath.causalWeights queries keys
@@ -181,7 +217,7 @@ type MultiHeadAttention
 
     /// Queries, keys and values split into heads. x (B, T, dIn) -> 3 x (B, nh, T, hs)
     member private _.Heads(x: torch.Tensor) =
-        AttentionMath.checkInput "multi-head attention" inputDim contextLength x
+        Inputs.checkVectors "multi-head attention" inputDim contextLength x
         let batch, length = x.shape[0], x.shape[1]
         let split (z: torch.Tensor) = z.view(batch, length, int64 numHeads, headDim).transpose(1L, 2L) // (B, nh, T, hs)
         if fused then
@@ -204,67 +240,3 @@ type MultiHeadAttention
         let context = weights.matmul(values).transpose(1L, 2L).contiguous().view(batch, length, int64 outputDim) // (B, T, dOut)
         out_proj.forward(context).MoveToOuterDisposeScope()
 
-/// The attention GptModel runs (nanoGPT's CausalSelfAttention): the fused q|k|v projection `c_attn` and the output
-/// projection `c_proj` under GPT-2's names, and libtorch's fused scaled_dot_product_attention instead of the explicit
-/// softmax. ForwardCached adds a key/value cache for generation. x (B, T, C) -> (B, T, C)
-type CausalSelfAttention(config: GptConfig) as this =
-    inherit Module<torch.Tensor, torch.Tensor>("CausalSelfAttention")
-    do GptConfig.validate config
-    let embeddingDim = int64 config.EmbeddingDim
-    let heads = int64 config.Heads
-    let headDim = embeddingDim / heads
-    let c_attn = Linear(embeddingDim, 3L * embeddingDim, hasBias = config.QkvBias)
-    let c_proj = Linear(embeddingDim, embeddingDim)
-    do this.RegisterComponents()
-
-    /// The fused query|key|value projection C -> 3C, state_dict key `c_attn`.
-    member _.QkvProjection = c_attn
-    /// The output projection C -> C, state_dict key `c_proj`.
-    member _.OutputProjection = c_proj
-
-    member private this.DropoutRate = if this.training then config.DropRate else 0.0
-
-    /// Queries, keys and values split into heads. x (B, T, C) -> 3 x (B, nh, T, hs)
-    member private _.Heads(x: torch.Tensor) =
-        AttentionMath.checkInput "attention" config.EmbeddingDim config.ContextLength x
-        let batch, length = x.shape[0], x.shape[1]
-        let parts = (Layers.linear c_attn.weight c_attn.bias x).split(embeddingDim, 2) // 3 x (B, T, C); c_attn.forward
-        let split (z: torch.Tensor) = z.view(batch, length, heads, headDim).transpose(1L, 2L) // (B, nh, T, hs)
-        split parts[0], split parts[1], split parts[2]
-
-    /// Heads merged back and projected. y (B, nh, T, hs) -> (B, T, C)
-    member private _.Merge(y: torch.Tensor) =
-        let batch, length = y.shape[0], y.shape[2]
-        Layers.linear c_proj.weight c_proj.bias (y.transpose(1L, 2L).contiguous().view(batch, length, embeddingDim))
-
-    override this.forward(x: torch.Tensor) =
-        use scope = torch.NewDisposeScope()
-        let queries, keys, values = this.Heads x
-        let y = functional.scaled_dot_product_attention(queries, keys, values, p = this.DropoutRate, is_casual = true) // (B, nh, T, hs)
-        this.Merge(y).MoveToOuterDisposeScope()
-
-    /// Attention for new tokens at positions past .. past + Tnew - 1. Their keys and values are written in place into
-    /// the preallocated cache buffers (B, nh, ContextLength, hs), which already hold positions 0 .. past - 1; the new
-    /// queries then attend to all past + Tnew cached keys. x (B, Tnew, C) -> (B, Tnew, C)
-    member this.ForwardCached(x: torch.Tensor, keyCache: torch.Tensor, valueCache: torch.Tensor, past: int) =
-        use scope = torch.NewDisposeScope()
-        let queries, keys, values = this.Heads x
-        let fresh = queries.shape[2]
-        let total = int64 past + fresh
-        if total > keyCache.shape[2] then
-            Errors.fail "the key/value cache holds %d positions; %d cached plus %d new do not fit" keyCache.shape[2] past fresh
-        keyCache.narrow(2L, int64 past, fresh).copy_(keys) |> ignore
-        valueCache.narrow(2L, int64 past, fresh).copy_(values) |> ignore
-        let allKeys = keyCache.narrow(2L, 0L, total) // (B, nh, past + Tnew, hs), a view: nothing is copied
-        let allValues = valueCache.narrow(2L, 0L, total)
-        let y =
-            if fresh = 1L then // one new token sees every cached position: no mask
-                functional.scaled_dot_product_attention(queries, allKeys, allValues, p = this.DropoutRate)
-            elif past = 0 then
-                functional.scaled_dot_product_attention(queries, allKeys, allValues, p = this.DropoutRate, is_casual = true)
-            else
-                // is_causal aligns its triangle with the top-left corner, which is wrong when the queries start at
-                // position `past`: new token i may see keys 0 .. past + i, so shift the diagonal by `past`.
-                let visible = torch.ones([| fresh; total |], dtype = torch.ScalarType.Bool, device = x.device).tril(int64 past)
-                functional.scaled_dot_product_attention(queries, allKeys, allValues, attn_mask = visible, p = this.DropoutRate)
-        this.Merge(y).MoveToOuterDisposeScope() // (B, Tnew, C)

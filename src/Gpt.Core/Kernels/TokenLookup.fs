@@ -1,4 +1,4 @@
-namespace Gpt.Model
+namespace Gpt.Kernels
 
 open System.Collections.Generic
 open TorchSharp

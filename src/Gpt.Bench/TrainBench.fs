@@ -4,6 +4,7 @@ open System
 open System.Diagnostics
 open TorchSharp
 open Gpt
+open Gpt.Kernels
 open Gpt.Model
 open Gpt.Text
 open Gpt.Training
@@ -125,33 +126,29 @@ module TrainBench =
         let statistics = DisposeScopeManager.Statistics
         statistics.CreatedInScopeCount + statistics.CreatedOutsideScopeCount
 
-    /// One training step as the trainer runs it (zero the gradients, forward, cross-entropy, backward, AdamW step),
-    /// timed part by part. Returns the loss and the seconds of each part.
-    let step (model: GptModel) (optimizer: NamedAdamW) (batchSize: int) (length: int) (inputs: int64[], targets: int64[]) =
-        use scope = torch.NewDisposeScope()
-        let shape = [| int64 batchSize; int64 length |]
-        let inputs = torch.tensor(inputs, ReadOnlySpan<int64> shape)
-        let targets = torch.tensor(targets, ReadOnlySpan<int64> shape)
+    /// One training step as the trainer runs it (Trainer.step: zero the gradients, forward with the fused head and
+    /// loss, backward, clip when asked, AdamW), timed part by part. Returns the loss and the seconds of each part.
+    let step (model: GptModel) (optimizer: NamedAdamW) (clip: float option) (batchSize: int) (length: int) (inputs: int64[], targets: int64[]) =
         let clock = Stopwatch.StartNew()
-        let lap () =
-            let seconds = clock.Elapsed.TotalSeconds
+        let laps = Collections.Generic.Dictionary<string, float>()
+        let lap (part: string) =
+            laps[part] <- (match laps.TryGetValue part with | true, s -> s | _ -> 0.0) + clock.Elapsed.TotalSeconds
             clock.Restart()
-            seconds
-        optimizer.ZeroGrad()
-        let zeroGrad = lap ()
-        // What the trainer runs (Loss.batch: for a GptModel, GptModel.Loss), in its two halves.
-        let hidden = model.HiddenStates inputs
-        let body = lap ()
-        let loss = model.LossOfHidden(hidden, targets)
-        let headAndLoss = lap ()
-        loss.backward ()
-        let backward = lap ()
-        optimizer.Step()
-        let optimizerSeconds = lap ()
-        let value = float (loss.item<float32> ())
-        value,
-        { ZeroGrad = zeroGrad; Forward = body + headAndLoss; Body = body; HeadAndLoss = headAndLoss; Backward = backward
-          Optimizer = optimizerSeconds }
+        // The objective the trainer runs for a GptModel (Gpt.loss), in its two halves so that each is timed.
+        let lossOf (_: int) =
+            let shape = [| int64 batchSize; int64 length |]
+            let inputs = torch.tensor(inputs, ReadOnlySpan<int64> shape)
+            let targets = torch.tensor(targets, ReadOnlySpan<int64> shape)
+            let parameters = model.Params
+            let hidden = Gpt.hiddenStates model.Config Mode.Train parameters inputs
+            lap "body"
+            Gpt.lossOfHidden model.Config parameters hidden targets
+        let observe (part: StepPart) = lap (string part)
+        let loss, _ = Trainer.step optimizer Optimizer.defaults.LearningRate clip 1 lossOf observe
+        let part name = match laps.TryGetValue name with | true, s -> s | _ -> 0.0
+        loss,
+        { ZeroGrad = part "ZeroGrad"; Forward = part "body" + part "Forward"; Body = part "body"; HeadAndLoss = part "Forward"
+          Backward = part "Backward"; Optimizer = part "Clip" + part "Update" }
 
     /// Trains a fresh model of the preset (seeded) for `warmup` untimed and `steps` timed steps on built-in-story
     /// tokens, with AdamW (the book's settings: lr 4e-4, weight decay 0.1 on the matrices).
@@ -169,7 +166,7 @@ module TrainBench =
         use optimizer = Optimizer.adamW Optimizer.defaults model
         let batches = storyBatches seed preset.BatchSize preset.SequenceLength (warmup + steps)
         let losses = ResizeArray<float>()
-        let run index = step model optimizer preset.BatchSize preset.SequenceLength batches[index]
+        let run index = step model optimizer None preset.BatchSize preset.SequenceLength batches[index]
         for index in 0 .. warmup - 1 do
             losses.Add(fst (run index))
         let tensorsBefore = tensorsCreated ()

@@ -1,0 +1,390 @@
+namespace Gpt.Training
+
+// A training run as the user sees it: a folder runs/NAME/ with run.json (where the data came from), checkpoints/,
+// metrics.jsonl and the final model/, made from one options record; a resume rebuilds everything from the folder.
+// The CLI, the C# façade and F# scripts all train through this module.
+
+open System
+open System.IO
+open System.Text.Json
+open System.Text.Json.Nodes
+open System.Threading
+open Gpt
+open Gpt.Model
+open Gpt.Text
+open Gpt.Weights
+
+/// How a fresh model's weights are drawn.
+[<RequireQualifiedAccess>]
+type ModelInitialization =
+    /// GPT-2's (nanoGPT's): weights N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 × layers)), biases 0.
+    | Gpt2
+    /// PyTorch's default for each layer, which the book's GPTModel keeps: Linear U(±1/sqrt(fan_in)), embeddings N(0, 1).
+    | TorchDefaults
+
+/// Everything that shapes a pretraining run: every `gpt train` option.
+type RunOptions =
+    { /// A file, a folder (every file, recursively) or a glob; None: the built-in story.
+      Data: string option
+      /// Share of the tokens, from the start, used for training; the rest is the validation text.
+      TrainRatio: float
+      /// The shape of a fresh model (None: the default model). InitFrom and ResumeFrom bring their own: a shape given
+      /// with them must be theirs.
+      Model: GptConfig option
+      Initialization: ModelInitialization
+      /// Continue pretraining a model in the Hugging Face layout instead of starting from random weights.
+      InitFrom: string option
+      /// A run's folder, its checkpoints folder or one checkpoint: continue that run.
+      ResumeFrom: string option
+      /// Tokens per training window (None: the model's context length).
+      ContextLength: int option
+      /// Distance between window starts (None: the context length, no overlap).
+      Stride: int option
+      BatchSize: int
+      Epochs: int
+      MaxSteps: int option
+      LearningRate: float
+      /// Where the cosine decay ends (None: LearningRate / 10).
+      MinLearningRate: float option
+      /// Where the warmup starts (None: the minimum rate).
+      InitialLearningRate: float option
+      WarmupSteps: int
+      WeightDecay: float
+      DecayAll: bool
+      Beta1: float
+      Beta2: float
+      GradientClip: float option
+      GradientAccumulation: int
+      EvalInterval: int
+      EvalBatches: int
+      SamplePrompt: string option
+      SampleTokens: int
+      Seed: int
+      /// Folder of runs: the run writes OutputDirectory/Name/.
+      OutputDirectory: string
+      /// The run's folder name (None: run-yyyyMMdd-HHmmss).
+      Name: string option
+      KeepLast: int
+      CheckpointInterval: int }
+
+/// What a run reports. Every report carries the latest value of everything (a snapshot), so a display can show
+/// any of it at any time.
+[<RequireQualifiedAccess>]
+type RunEventKind =
+    | Started
+    | Step
+    | Evaluation
+    | EpochEnd
+    | Checkpoint
+    | ModelSaved
+
+/// A snapshot of a run, made after each event.
+type RunProgress =
+    { Kind: RunEventKind
+      /// Optimizer steps done (counting those before a resume).
+      Step: int
+      TotalSteps: int
+      /// The epoch in progress (or just ended), counting from 1.
+      Epoch: int
+      Epochs: int
+      /// Mean loss of the last step's batches in training mode (NaN before the first step).
+      TrainLoss: float
+      /// The latest evaluation (eval mode, a few batches of each split).
+      EvaluatedTrainLoss: float option
+      ValidationLoss: float option
+      TrainAccuracy: float option
+      ValidationAccuracy: float option
+      LearningRate: float
+      GradientNorm: float option
+      TokensSeen: int64
+      TokensPerSecond: float
+      Elapsed: TimeSpan
+      Remaining: TimeSpan option
+      ParameterCount: int64
+      TrainableParameterCount: int64
+      TokensPerEpoch: int64
+      /// The sample text at an epoch end.
+      Sample: string option
+      /// The run folder (Started), the checkpoint (Checkpoint) or the model folder (ModelSaved).
+      Path: string option }
+
+/// How a run ended.
+type RunResult =
+    { Steps: int
+      TotalSteps: int
+      TokensSeen: int64
+      /// The run stopped early on the cancellation token (a checkpoint and the model so far were written).
+      Cancelled: bool
+      /// This session's first evaluation of the training split, and the last evaluation's losses (NaN: none).
+      FirstEvaluatedTrainLoss: float
+      TrainLoss: float
+      ValidationLoss: float
+      BestValidationLoss: float option
+      /// Mean loss of the last step's batches in training mode (NaN when no step ran).
+      LastStepLoss: float
+      RunDirectory: string
+      /// The final model in the Hugging Face layout (None when no step ran).
+      ModelDirectory: string option
+      CheckpointDirectory: string option
+      Elapsed: TimeSpan
+      Evaluations: EvaluationRecord[] }
+
+/// run.json: what a run's checkpoints do not hold (where the text came from and how it was split).
+[<RequireQualifiedAccess>]
+module RunFile =
+    let fileName = "run.json"
+
+    /// Writes run.json atomically.
+    let write (runDirectory: string) (options: RunOptions) =
+        let json = JsonObject()
+        json["data"] <- options.Data |> Option.map (fun d -> JsonValue.Create(Path.GetFullPath d) :> JsonNode) |> Option.toObj
+        json["train_ratio"] <- options.TrainRatio
+        json["tokenizer"] <- "gpt2"
+        json["init_from"] <- options.InitFrom |> Option.map (fun d -> JsonValue.Create(Path.GetFullPath d) :> JsonNode) |> Option.toObj
+        json["initialization"] <- (if options.InitFrom.IsNone then JsonValue.Create(string options.Initialization) :> JsonNode else null)
+        json["created_utc"] <- DateTime.UtcNow.ToString("o")
+        Directory.CreateDirectory runDirectory |> ignore
+        let text = json.ToJsonString(JsonSerializerOptions(WriteIndented = true)) + "\n"
+        Metrics.writeAtomically (Path.Combine(runDirectory, fileName)) (fun temporary -> File.WriteAllText(temporary, text))
+
+    /// The run's data source and split; the built-in story and 90/10 when the run has no run.json.
+    let read (runDirectory: string) : string option * float =
+        let path = Path.Combine(runDirectory, fileName)
+        if not (File.Exists path) then None, Loss.defaultTrainRatio
+        else
+            try
+                let json = JsonNode.Parse(File.ReadAllText path)
+                let data = match json["data"] with null -> None | node -> Some(node.GetValue<string>())
+                let ratio = match json["train_ratio"] with null -> Loss.defaultTrainRatio | node -> node.GetValue<float>()
+                data, ratio
+            with
+            | :? JsonException
+            | :? InvalidOperationException
+            | :? FormatException as e -> raise (GptException(sprintf "'%s' is not a valid run file: %s" path e.Message, e))
+
+[<RequireQualifiedAccess>]
+module RunOptions =
+    /// The model `gpt train` trains by default: GPT-2's vocabulary and layout, 4 layers of 256 dimensions with 4 heads,
+    /// 128 positions, dropout 0.1, no QKV bias, head tied to the token embedding (16.1M parameters).
+    let defaultModel =
+        { GptConfig.gpt2Small with ContextLength = 128; EmbeddingDim = 256; Heads = 4; Layers = 4; DropRate = 0.1; QkvBias = false }
+
+    /// The default run: the default model on the built-in story for 20 epochs, batch 4, AdamW 1e-3 with 10 warmup
+    /// steps and a cosine decay to 1e-4, clipping at 1, evaluation every 20 steps on 5 batches.
+    let defaults =
+        { Data = None; TrainRatio = Loss.defaultTrainRatio; Model = None; Initialization = ModelInitialization.Gpt2
+          InitFrom = None; ResumeFrom = None; ContextLength = None; Stride = None; BatchSize = 4; Epochs = 20; MaxSteps = None
+          LearningRate = 1e-3; MinLearningRate = None; InitialLearningRate = None; WarmupSteps = 10; WeightDecay = 0.1
+          DecayAll = false; Beta1 = 0.9; Beta2 = 0.999; GradientClip = Some 1.0; GradientAccumulation = 1; EvalInterval = 20
+          EvalBatches = 5; SamplePrompt = Some "Every effort moves you"; SampleTokens = 40; Seed = 123
+          OutputDirectory = "runs"; Name = None; KeepLast = 3; CheckpointInterval = 100 }
+
+    /// The book's chapter 5 run: gpt2-small with 256 positions, no QKV bias and an untied head (162M parameters),
+    /// PyTorch's default initialisation (with GPT-2's this run stalls near a loss of 5); AdamW with a constant 4e-4
+    /// and weight decay 0.1 on every parameter; batch 2; 10 epochs; evaluation every 5 steps on 5 batches; no
+    /// warmup, no clipping; the sample "Every effort moves you" (50 tokens) at every epoch end.
+    let book =
+        { defaults with
+            Model = Some { GptConfig.gpt2Small with ContextLength = 256; QkvBias = false; DropRate = 0.1; TiedHead = false }
+            Initialization = ModelInitialization.TorchDefaults; BatchSize = 2; Epochs = 10; LearningRate = 4e-4
+            MinLearningRate = Some 4e-4; WarmupSteps = 0; DecayAll = true; GradientClip = None; EvalInterval = 5
+            SampleTokens = 50 }
+
+    /// The run directory a checkpoint directory (RUN/checkpoints/step-N) belongs to.
+    let runDirectoryOf (checkpointDirectory: string) =
+        let full = Path.GetFullPath(checkpointDirectory).TrimEnd(Path.DirectorySeparatorChar)
+        match Path.GetDirectoryName full with
+        | null -> full
+        | root when Path.GetFileName root = "checkpoints" -> Path.GetDirectoryName root
+        | root -> root
+
+    /// The options a run was trained with, read back from its folder or a checkpoint, with ResumeFrom = path: change
+    /// MaxSteps or Epochs to extend it.
+    let fromCheckpoint (path: string) : RunOptions =
+        let directory = Checkpoint.resolve path
+        let state = Checkpoint.read directory
+        let stored = TrainerOptions.ofJson state.TrainingOptions
+        let model = Pretrained.parseConfig directory state.ModelConfiguration
+        let runDirectory = runDirectoryOf directory
+        let data, ratio = RunFile.read runDirectory
+        { Data = data; TrainRatio = ratio; Model = Some model; Initialization = ModelInitialization.Gpt2; InitFrom = None
+          ResumeFrom = Some path; ContextLength = Some stored.ContextLength; Stride = Some stored.Stride
+          BatchSize = stored.BatchSize; Epochs = stored.Epochs; MaxSteps = stored.MaxSteps; LearningRate = stored.LearningRate
+          MinLearningRate = Some stored.MinLearningRate; InitialLearningRate = Some stored.InitialLearningRate
+          WarmupSteps = stored.WarmupSteps; WeightDecay = stored.WeightDecay; DecayAll = stored.DecayAll; Beta1 = stored.Beta1
+          Beta2 = stored.Beta2; GradientClip = stored.GradientClip; GradientAccumulation = stored.GradientAccumulation
+          EvalInterval = stored.EvalInterval; EvalBatches = stored.EvalBatches; SamplePrompt = stored.SamplePrompt
+          SampleTokens = stored.SampleTokens; Seed = stored.Seed; OutputDirectory = Path.GetDirectoryName runDirectory
+          Name = Some(Path.GetFileName runDirectory); KeepLast = stored.KeepLast; CheckpointInterval = stored.CheckpointInterval }
+
+    /// The trainer's options for a run with the model's training window and its folder.
+    let toTrainerOptions (options: RunOptions) (contextLength: int) (runDirectory: string) : TrainerOptions =
+        let minimum = options.MinLearningRate |> Option.defaultValue (options.LearningRate / 10.0)
+        { Epochs = options.Epochs; MaxSteps = options.MaxSteps; BatchSize = options.BatchSize; ContextLength = contextLength
+          Stride = options.Stride |> Option.defaultValue contextLength; LearningRate = options.LearningRate
+          InitialLearningRate = options.InitialLearningRate |> Option.defaultValue minimum; MinLearningRate = minimum
+          WarmupSteps = options.WarmupSteps; WeightDecay = options.WeightDecay; DecayAll = options.DecayAll; Beta1 = options.Beta1
+          Beta2 = options.Beta2; GradientClip = options.GradientClip; GradientAccumulation = options.GradientAccumulation
+          EvalInterval = options.EvalInterval; EvalBatches = options.EvalBatches; Seed = options.Seed
+          OutputDirectory = Some runDirectory; CheckpointInterval = options.CheckpointInterval; KeepLast = options.KeepLast
+          SamplePrompt = options.SamplePrompt; SampleTokens = options.SampleTokens }
+
+    /// Fails on options no run can take (the trainer checks the rest).
+    let validate (options: RunOptions) =
+        if options.ResumeFrom.IsSome && options.InitFrom.IsSome then
+            Errors.fail "--resume and --init-from do not go together: --resume continues a run with its own model, --init-from starts a new run from a model"
+        Errors.require (options.TrainRatio > 0.0 && options.TrainRatio < 1.0)
+            "the training ratio must be between 0 and 1 (exclusive), found %g" options.TrainRatio
+        match options.Name with
+        | Some name when name = "" || name = "." || name = ".." || name.IndexOfAny(Path.GetInvalidFileNameChars()) >= 0 ->
+            Errors.fail "the run name '%s' is not a valid folder name" name
+        | _ -> ()
+        Errors.require (not (String.IsNullOrWhiteSpace options.OutputDirectory)) "the output directory is not set"
+        match options.ResumeFrom, options.InitFrom, options.Initialization with
+        | Some _, _, ModelInitialization.TorchDefaults -> Errors.fail "--resume brings its own weights: --init does not apply"
+        | _, Some _, ModelInitialization.TorchDefaults -> Errors.fail "--init-from brings its own weights: --init does not apply"
+        | _ -> ()
+        options.Model |> Option.iter GptConfig.validate
+
+/// Pretraining runs (book ch. 5): a folder, a model, the data, the trainer, the final model.
+[<RequireQualifiedAccess>]
+module Run =
+    /// The name of the final model's folder in a run directory.
+    let modelFolder = "model"
+
+    /// The smallest number of tokens that gives both splits one window of contextLength tokens (plus the target
+    /// token after it).
+    let tokensNeeded (contextLength: int) (trainRatio: float) =
+        let window = contextLength + 1
+        let fits count = let train = int (trainRatio * float count) in train >= window && count - train >= window
+        let start = int (Math.Ceiling(float window / min trainRatio (1.0 - trainRatio)))
+        let lower = Seq.initInfinite (fun i -> start - i) |> Seq.takeWhile (fun n -> n > window && fits (n - 1)) |> Seq.tryLast
+        let first = lower |> Option.map (fun n -> n - 1) |> Option.defaultValue start
+        Seq.initInfinite (fun i -> first + i) |> Seq.find fits
+
+    /// run-yyyyMMdd-HHmmss, with -2, -3, ... when that folder exists.
+    let defaultName (outputDirectory: string) =
+        let stem = sprintf "run-%s" (DateTime.Now.ToString "yyyyMMdd-HHmmss")
+        Seq.initInfinite (fun i -> if i = 0 then stem else sprintf "%s-%d" stem (i + 1))
+        |> Seq.find (fun name -> not (Directory.Exists(Path.Combine(outputDirectory, name))))
+
+    /// Fails when a shape was asked for that the model a run brings does not have.
+    let private checkShape (what: string) (owner: string) (options: RunOptions) (model: GptModel) =
+        match options.Model |> Option.map (GptConfig.differences owner model.Config) with
+        | Some(_ :: _ as different) ->
+            model.Dispose()
+            Errors.fail "%s brings its own model: %s cannot change it" what (String.concat ", " different)
+        | _ -> ()
+
+    /// The run folder and the model a run starts from: a checkpoint's (resume), a pretrained one, or a fresh one.
+    let private prepareModel (options: RunOptions) : string * string option * GptModel =
+        match options.ResumeFrom with
+        | Some resume ->
+            let checkpoint = Checkpoint.resolve resume
+            let runDirectory = RunOptions.runDirectoryOf checkpoint
+            match options.Name with
+            | Some name when Path.GetFullPath(Path.Combine(options.OutputDirectory, name)) <> runDirectory ->
+                Errors.fail "--resume continues in the run's own folder (%s): --out and --name cannot move it" runDirectory
+            | _ -> ()
+            let model = Checkpoint.loadGpt checkpoint
+            checkShape "--resume" "the run" options model
+            runDirectory, Some checkpoint, model
+        | None ->
+            let name = options.Name |> Option.defaultWith (fun () -> defaultName options.OutputDirectory)
+            let runDirectory = Path.GetFullPath(Path.Combine(options.OutputDirectory, name))
+            if (Checkpoint.list (Path.Combine(runDirectory, "checkpoints"))).Length > 0 then
+                Errors.fail "'%s' already holds a run: resume it (--resume %s) or choose another name" runDirectory runDirectory
+            let config = options.Model |> Option.defaultValue RunOptions.defaultModel
+            let model =
+                match options.InitFrom, options.Initialization with
+                | Some init, _ -> Pretrained.load init
+                | None, ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Seed)
+                | None, ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Seed)
+            if options.InitFrom.IsSome then checkShape "--init-from" "the model" options model
+            runDirectory, None, model
+
+    /// The text of a run as token ids, checked to give both splits a window.
+    let private tokens (options: RunOptions) (documents: Corpus.Document[]) (tokenizer: ITokenizer) (contextLength: int) =
+        let source = options.Data |> Option.defaultValue "the built-in story"
+        let needed = tokensNeeded contextLength options.TrainRatio
+        let advice =
+            sprintf "at least %d are needed for context length %d with a %.0f%% training split (%d tokens in each split): use more text or a shorter context length"
+                needed contextLength (100.0 * options.TrainRatio) (contextLength + 1)
+        if documents |> Array.forall (fun d -> d.Text.Length = 0) then Errors.fail "the text is empty (%s): %s" source advice
+        let ids = Corpus.tokenize tokenizer documents
+        if ids.Length < needed then Errors.fail "the text is too short (%s): it has %d tokens, %s" source ids.Length advice
+        ids
+
+    /// Turns the trainer's events into snapshots of the run.
+    let private reporter (report: RunProgress -> unit) (epochs: int) (runDirectory: string) =
+        let latest =
+            ref
+                { Kind = RunEventKind.Started; Step = 0; TotalSteps = 0; Epoch = 1; Epochs = epochs; TrainLoss = nan
+                  EvaluatedTrainLoss = None; ValidationLoss = None; TrainAccuracy = None; ValidationAccuracy = None
+                  LearningRate = 0.0; GradientNorm = None; TokensSeen = 0L; TokensPerSecond = 0.0; Elapsed = TimeSpan.Zero
+                  Remaining = None; ParameterCount = 0L; TrainableParameterCount = 0L; TokensPerEpoch = 0L; Sample = None; Path = None }
+        let finite value = if Double.IsFinite value then Some value else None
+        let emit (next: RunProgress) = latest.Value <- { next with Sample = None; Path = None }; report next
+        let onEvent event =
+            let p = latest.Value
+            match event with
+            | Started plan ->
+                emit { p with Kind = RunEventKind.Started; Step = plan.StartStep; TotalSteps = plan.TotalSteps
+                              ParameterCount = plan.ParameterCount; TrainableParameterCount = plan.TrainableParameterCount
+                              TokensSeen = int64 plan.StartStep * plan.TokensPerStep
+                              TokensPerEpoch = plan.TokensPerBatch * int64 plan.BatchesPerEpoch
+                              Path = Some runDirectory }
+            | Stepped s ->
+                emit { p with Kind = RunEventKind.Step; Step = s.Step; TotalSteps = s.TotalSteps; Epoch = s.Epoch; Epochs = s.Epochs
+                              TrainLoss = s.TrainLoss; LearningRate = s.LearningRate; GradientNorm = s.GradientNorm
+                              TokensSeen = s.TokensSeen; TokensPerSecond = s.TokensPerSecond; Elapsed = s.Elapsed; Remaining = Some s.Remaining }
+            | Evaluated r ->
+                emit { p with Kind = RunEventKind.Evaluation; EvaluatedTrainLoss = finite r.TrainLoss; ValidationLoss = finite r.ValidationLoss
+                              TrainAccuracy = r.TrainAccuracy; ValidationAccuracy = r.ValidationAccuracy
+                              Elapsed = TimeSpan.FromSeconds r.ElapsedSeconds }
+            | EpochEnded(epoch, sample) -> emit { p with Kind = RunEventKind.EpochEnd; Epoch = epoch; Sample = sample }
+            | CheckpointSaved directory -> emit { p with Kind = RunEventKind.Checkpoint; Path = Some directory }
+        let modelSaved directory = emit { latest.Value with Kind = RunEventKind.ModelSaved; Path = Some directory }
+        onEvent, modelSaved, (fun () -> latest.Value)
+
+    let private result (r: TrainingResult) (elapsed: TimeSpan) (runDirectory: string) (modelDirectory: string option) =
+        let first = r.Evaluations |> Array.tryHead
+        let last = r.Evaluations |> Array.tryLast
+        { Steps = r.Steps; TotalSteps = r.TotalSteps; TokensSeen = r.TokensSeen; Cancelled = r.Cancelled
+          FirstEvaluatedTrainLoss = first |> Option.map _.TrainLoss |> Option.defaultValue nan
+          TrainLoss = last |> Option.map _.TrainLoss |> Option.defaultValue nan
+          ValidationLoss = last |> Option.map _.ValidationLoss |> Option.defaultValue nan
+          BestValidationLoss = r.BestValidationLoss; LastStepLoss = r.LastTrainLoss; RunDirectory = runDirectory
+          ModelDirectory = modelDirectory; CheckpointDirectory = r.Checkpoint; Elapsed = elapsed; Evaluations = r.Evaluations }
+
+    /// Pretrains a model as the options say, in OutputDirectory/Name (or the resumed run's folder): run.json, checkpoints,
+    /// metrics.jsonl, and the final model in the Hugging Face layout under model/. Reports a snapshot after every event.
+    /// Cancelling stops after the current step with a checkpoint and the model so far (Cancelled = true).
+    let pretrain (options: RunOptions) (report: RunProgress -> unit) (cancellation: CancellationToken) : RunResult =
+        RunOptions.validate options
+        let tokenizer = Tokenizers.gpt2 ()
+        // The text first: a missing file is found before a large model is built.
+        let documents = options.Data |> Option.map Corpus.load |> Option.defaultWith (fun () -> [| Corpus.builtIn.Value |])
+        let runDirectory, resumeFrom, model = prepareModel options
+        use model = model
+        let config = model.Config
+        let contextLength = options.ContextLength |> Option.defaultValue config.ContextLength
+        if contextLength < 1 || contextLength > config.ContextLength then
+            Errors.fail "the training context length %d must be between 1 and the model's context length %d" contextLength config.ContextLength
+        if config.VocabSize < tokenizer.VocabularySize then
+            Errors.fail "the model's vocabulary has %d tokens; GPT-2's tokenizer needs %d" config.VocabSize tokenizer.VocabularySize
+        let data = TrainingData.forGpt config tokenizer options.TrainRatio (tokens options documents tokenizer contextLength)
+        let trainerOptions = RunOptions.toTrainerOptions options contextLength runDirectory
+        TrainerOptions.validate trainerOptions
+        if resumeFrom.IsNone then RunFile.write runDirectory options
+        let onEvent, modelSaved, latest = reporter report options.Epochs runDirectory
+        let trained = Trainer.train trainerOptions model data resumeFrom onEvent cancellation
+        let modelDirectory =
+            if trained.Steps = 0 then None
+            else
+                let directory = Path.Combine(runDirectory, modelFolder)
+                model.eval ()
+                Pretrained.save directory model
+                modelSaved directory
+                Some directory
+        result trained (latest ()).Elapsed runDirectory modelDirectory
