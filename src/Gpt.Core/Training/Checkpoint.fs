@@ -79,6 +79,27 @@ module Checkpoint =
           Steps: IReadOnlyDictionary<string, int64>
           Files: FileEntry[] }
 
+    /// AdamW's hyperparameters per group and step count per parameter, as the "optimizer" object.
+    let private writeOptimizer (writer: Utf8JsonWriter) (optimizer: NamedAdamW) =
+        writer.WriteStartObject "optimizer"
+        writer.WriteString("type", "AdamW")
+        writer.WriteStartArray "groups"
+        let steps = dict (Optimizer.stepCounts optimizer)
+        for group in optimizer.Groups do
+            writer.WriteStartObject()
+            writer.WriteNumber("weight_decay", group.WeightDecay)
+            writer.WriteNumber("lr", optimizer.LearningRate)
+            writer.WriteNumber("beta1", optimizer.Settings.Beta1)
+            writer.WriteNumber("beta2", optimizer.Settings.Beta2)
+            writer.WriteNumber("eps", optimizer.Settings.Epsilon)
+            writer.WriteStartObject "steps"
+            for name in group.Names do
+                writer.WriteNumber(name, steps[name])
+            writer.WriteEndObject()
+            writer.WriteEndObject()
+        writer.WriteEndArray()
+        writer.WriteEndObject()
+
     let private writeDocument (path: string) (state: CheckpointState) (modelTensors: string) (rng: byte[]) (optimizer: NamedAdamW) (files: FileEntry[]) =
         let parseCheck what (json: string) =
             try JsonDocument.Parse(json).Dispose()
@@ -112,24 +133,7 @@ module Checkpoint =
          writer.WritePropertyName "training_options"
          writer.WriteRawValue state.TrainingOptions
          writer.WriteString("torch_rng_state", Convert.ToBase64String rng)
-         writer.WriteStartObject "optimizer"
-         writer.WriteString("type", "AdamW")
-         writer.WriteStartArray "groups"
-         let steps = dict (Optimizer.stepCounts optimizer)
-         for group in optimizer.Groups do
-             writer.WriteStartObject()
-             writer.WriteNumber("weight_decay", group.WeightDecay)
-             writer.WriteNumber("lr", optimizer.LearningRate)
-             writer.WriteNumber("beta1", optimizer.Settings.Beta1)
-             writer.WriteNumber("beta2", optimizer.Settings.Beta2)
-             writer.WriteNumber("eps", optimizer.Settings.Epsilon)
-             writer.WriteStartObject "steps"
-             for name in group.Names do
-                 writer.WriteNumber(name, steps[name])
-             writer.WriteEndObject()
-             writer.WriteEndObject()
-         writer.WriteEndArray()
-         writer.WriteEndObject()
+         writeOptimizer writer optimizer
          writer.WriteStartObject "files"
          for file in files do
              writer.WriteStartObject file.Name

@@ -23,67 +23,85 @@ module Pretrained =
     let private configError (path: string) format =
         Printf.ksprintf (fun message -> raise (GptException(sprintf "config '%s': %s" path message))) format
 
-    /// Parses the text of a Hugging Face GPT-2 config.json (see readConfig); `path` names it in error messages.
-    let parseConfig (path: string) (text: string) : GptConfig =
+    /// Typed access to the fields of a config.json; every error names the file and the key. A null value counts as
+    /// absent.
+    type ConfigFields(path: string, root: JsonElement) =
+        do if root.ValueKind <> JsonValueKind.Object then configError path "not a JSON object"
+        member _.Path = path
+        member _.TryField(key: string) =
+            match root.TryGetProperty key with
+            | true, value when value.ValueKind <> JsonValueKind.Null -> Some value
+            | _ -> None
+        // TryGet* throws on a non-number, so the kind is checked first.
+        member _.Integer(value: JsonElement, key: string) =
+            match value.ValueKind with
+            | JsonValueKind.Number when fst (value.TryGetInt32()) -> value.GetInt32()
+            | _ -> configError path "\"%s\" must be an integer, found %s" key (value.GetRawText())
+        member _.Number(value: JsonElement, key: string) =
+            match value.ValueKind with
+            | JsonValueKind.Number -> value.GetDouble()
+            | _ -> configError path "\"%s\" must be a number, found %s" key (value.GetRawText())
+        member _.Boolean(value: JsonElement, key: string) =
+            match value.ValueKind with
+            | JsonValueKind.True -> true
+            | JsonValueKind.False -> false
+            | _ -> configError path "\"%s\" must be true or false, found %s" key (value.GetRawText())
+        /// The first of the keys that is present, as an integer.
+        member this.Required(keys: string list) =
+            match keys |> List.tryPick (fun key -> this.TryField key |> Option.map (fun value -> this.Integer(value, key))) with
+            | Some value -> value
+            | None -> configError path "missing \"%s\"" (String.concat "\" or \"" keys)
+        member this.Optional(key: string, parse: JsonElement * string -> 'T, fallback: 'T) =
+            this.TryField key |> Option.map (fun value -> parse (value, key)) |> Option.defaultValue fallback
+
+    /// Settings of transformers' GPT-2 that this model cannot honour are errors, not silently different maths.
+    let private checkSupported (fields: ConfigFields) (config: GptConfig) =
+        let path = fields.Path
+        match fields.TryField "model_type" with
+        | Some value when value.ValueKind <> JsonValueKind.String || value.GetString() <> "gpt2" ->
+            configError path "model_type %s is not supported, expected \"gpt2\"" (value.GetRawText())
+        | _ -> ()
+        match fields.TryField "activation_function" with
+        | Some value when value.ValueKind <> JsonValueKind.String || not (List.contains (value.GetString()) [ "gelu_new"; "gelu_pytorch_tanh"; "gelu_fast" ]) ->
+            configError path "activation_function %s is not supported: GPT-2 uses the tanh-approximate GELU (\"gelu_new\")" (value.GetRawText())
+        | _ -> ()
+        match fields.TryField "n_inner" with
+        | Some value when fields.Integer(value, "n_inner") <> 4 * config.EmbeddingDim ->
+            configError path "n_inner %s is not supported: the feed-forward width is 4 x n_embd = %d" (value.GetRawText()) (4 * config.EmbeddingDim)
+        | _ -> ()
+        if fields.Optional("scale_attn_by_inverse_layer_idx", fields.Boolean, false) then
+            configError path "scale_attn_by_inverse_layer_idx = true is not supported"
+
+    /// The model configuration of a config.json's fields.
+    let configOf (fields: ConfigFields) : GptConfig =
+        let config =
+            { VocabSize = fields.Required [ "vocab_size" ]
+              ContextLength = fields.Required [ "n_positions"; "n_ctx" ]
+              EmbeddingDim = fields.Required [ "n_embd" ]
+              Heads = fields.Required [ "n_head" ]
+              Layers = fields.Required [ "n_layer" ]
+              DropRate = fields.Optional("resid_pdrop", fields.Number, 0.1)
+              QkvBias = fields.Optional("qkv_bias", fields.Boolean, true)
+              TiedHead = fields.Optional("tie_word_embeddings", fields.Boolean, true)
+              LayerNormEpsilon = fields.Optional("layer_norm_epsilon", fields.Number, 1e-5) }
+        checkSupported fields config
+        try
+            GptConfig.validate config
+        with :? GptException as e ->
+            configError fields.Path "%s" e.Message
+        config
+
+    /// Parses a config.json's text and reads it with `read`; `path` names it in error messages.
+    let parseWith (path: string) (text: string) (read: ConfigFields -> 'T) : 'T =
         use document =
             try
                 JsonDocument.Parse(text)
             with :? JsonException as e ->
                 configError path "not valid JSON (%s)" e.Message
-        let root = document.RootElement
-        if root.ValueKind <> JsonValueKind.Object then configError path "not a JSON object"
-        let tryField (key: string) =
-            match root.TryGetProperty key with
-            | true, value when value.ValueKind <> JsonValueKind.Null -> Some value
-            | _ -> None
-        // TryGet* throws on a non-number, so the kind is checked first.
-        let integer (value: JsonElement) (key: string) =
-            match value.ValueKind with
-            | JsonValueKind.Number when fst (value.TryGetInt32()) -> value.GetInt32()
-            | _ -> configError path "\"%s\" must be an integer, found %s" key (value.GetRawText())
-        let number (value: JsonElement) (key: string) =
-            match value.ValueKind with
-            | JsonValueKind.Number -> value.GetDouble()
-            | _ -> configError path "\"%s\" must be a number, found %s" key (value.GetRawText())
-        let boolean (value: JsonElement) (key: string) =
-            match value.ValueKind with
-            | JsonValueKind.True -> true
-            | JsonValueKind.False -> false
-            | _ -> configError path "\"%s\" must be true or false, found %s" key (value.GetRawText())
-        let required (keys: string list) =
-            match keys |> List.tryPick (fun key -> tryField key |> Option.map (fun value -> integer value key)) with
-            | Some value -> value
-            | None -> configError path "missing \"%s\"" (String.concat "\" or \"" keys)
-        let optional key parse fallback = tryField key |> Option.map (fun value -> parse value key) |> Option.defaultValue fallback
-        match tryField "model_type" with
-        | Some value when value.ValueKind <> JsonValueKind.String || value.GetString() <> "gpt2" ->
-            configError path "model_type %s is not supported, expected \"gpt2\"" (value.GetRawText())
-        | _ -> ()
-        match tryField "activation_function" with
-        | Some value when value.ValueKind <> JsonValueKind.String || not (List.contains (value.GetString()) [ "gelu_new"; "gelu_pytorch_tanh"; "gelu_fast" ]) ->
-            configError path "activation_function %s is not supported: GPT-2 uses the tanh-approximate GELU (\"gelu_new\")" (value.GetRawText())
-        | _ -> ()
-        let config =
-            { VocabSize = required [ "vocab_size" ]
-              ContextLength = required [ "n_positions"; "n_ctx" ]
-              EmbeddingDim = required [ "n_embd" ]
-              Heads = required [ "n_head" ]
-              Layers = required [ "n_layer" ]
-              DropRate = optional "resid_pdrop" number 0.1
-              QkvBias = optional "qkv_bias" boolean true
-              TiedHead = optional "tie_word_embeddings" boolean true
-              LayerNormEpsilon = optional "layer_norm_epsilon" number 1e-5 }
-        match tryField "n_inner" with
-        | Some value when integer value "n_inner" <> 4 * config.EmbeddingDim ->
-            configError path "n_inner %s is not supported: the feed-forward width is 4 x n_embd = %d" (value.GetRawText()) (4 * config.EmbeddingDim)
-        | _ -> ()
-        if optional "scale_attn_by_inverse_layer_idx" boolean false then
-            configError path "scale_attn_by_inverse_layer_idx = true is not supported"
-        try
-            GptConfig.validate config
-        with :? GptException as e ->
-            configError path "%s" e.Message
-        config
+        read (ConfigFields(path, document.RootElement))
+
+    /// Parses the text of a Hugging Face GPT-2 config.json (see readConfig); `path` names it in error messages.
+    let parseConfig (path: string) (text: string) : GptConfig = parseWith path text configOf
 
     /// Reads a Hugging Face GPT-2 config.json: n_embd, n_head, n_layer, n_positions (or n_ctx), vocab_size,
     /// layer_norm_epsilon; resid_pdrop for dropout (default 0.1), tie_word_embeddings (default true) and our own
