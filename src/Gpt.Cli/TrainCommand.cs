@@ -181,7 +181,8 @@ internal static class TrainCommand
         $"validation loss {Loss(r.ValidationLoss)} (best {Loss(r.BestValidationLoss)})";
 
     private static string Header(TrainingProgress p) =>
-        $"training {p.ParameterCount.ToString("N0", Invariant)} parameters for {p.TotalSteps} steps ({p.Epochs} epochs)" +
+        $"training {(p.TrainableParameterCount == p.ParameterCount ? "" : $"{p.TrainableParameterCount.ToString("N0", Invariant)} of ")}" +
+        $"{p.ParameterCount.ToString("N0", Invariant)} parameters for {p.TotalSteps} steps ({p.Epochs} epochs)" +
         (p.Step > 0 ? $", resuming at step {p.Step}" : "") + $" -> {p.Path}";
 
     private static string StepLine(TrainingProgress p) => string.Create(Invariant,
@@ -244,6 +245,7 @@ internal static class TrainCommand
     private sealed class JsonDisplay(TextWriter output) : IDisplay
     {
         private readonly object _gate = new();
+        private TrainingProgress? _latest;
 
         public void Report(TrainingProgress p)
         {
@@ -259,7 +261,14 @@ internal static class TrainCommand
                 ["lr"] = p.LearningRate, ["tokens"] = p.TokensSeen, ["tokens_per_s"] = Math.Round(p.TokensPerSecond, 1),
                 ["elapsed_s"] = Math.Round(p.Elapsed.TotalSeconds, 3), ["eta_s"] = p.Remaining is { } r ? Math.Round(r.TotalSeconds, 1) : null,
             };
-            if (p.Kind == TrainingEventKind.Started) json["parameters"] = p.ParameterCount;
+            if (p.Kind == TrainingEventKind.Started)
+            {
+                json["parameters"] = p.ParameterCount;
+                json["trainable_parameters"] = p.TrainableParameterCount;
+            }
+            if (p.TrainAccuracy is { } trainAccuracy) json["train_accuracy"] = trainAccuracy;
+            if (p.ValidationAccuracy is { } validationAccuracy) json["val_accuracy"] = validationAccuracy;
+            _latest = p;
             if (p.Sample is not null) json["sample"] = p.Sample;
             if (p.Path is not null) json["path"] = p.Path;
             lock (_gate)
@@ -281,7 +290,8 @@ internal static class TrainCommand
             ["tokens"] = r.TokensSeen, ["first_train_loss"] = Number(r.FirstEvaluatedTrainLoss), ["train_loss"] = Number(r.TrainLoss),
             ["val_loss"] = Number(r.ValidationLoss), ["best_val_loss"] = Number(r.BestValidationLoss),
             ["elapsed_s"] = Math.Round(r.Elapsed.TotalSeconds, 3), ["run"] = r.RunDirectory, ["model"] = r.ModelDirectory,
-            ["checkpoint"] = r.CheckpointDirectory,
+            ["checkpoint"] = r.CheckpointDirectory, ["parameters"] = _latest?.ParameterCount,
+            ["trainable_parameters"] = _latest?.TrainableParameterCount,
         }.ToJsonString(Json.Options));
     }
 

@@ -139,6 +139,9 @@ public class TrainCliTests
         Assert.Equal([1, 2, 3], events.Where(e => e.GetProperty("event").GetString() == "step").Select(e => e.GetProperty("step").GetInt32()));
         Assert.Contains(events, e => e.GetProperty("event").GetString() == "evaluation" && e.GetProperty("val_loss").GetDouble() > 0);
         var finished = events[^1];
+        var started = events[0];
+        Assert.Equal("started", started.GetProperty("event").GetString());
+        Assert.Equal(started.GetProperty("parameters").GetInt64(), started.GetProperty("trainable_parameters").GetInt64());
         Assert.Equal("finished", finished.GetProperty("event").GetString());
         Assert.Equal(3, finished.GetProperty("steps").GetInt32());
         Assert.Equal(folder.Combine("json", "model"), finished.GetProperty("model").GetString());
