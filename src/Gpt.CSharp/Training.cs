@@ -197,7 +197,7 @@ public static class Trainer
             var checkpoints = System.IO.Path.Combine(runDirectory, "checkpoints");
             if (FCheckpoint.list(checkpoints).Length > 0)
                 throw new GptException($"'{runDirectory}' already holds a run: resume it (--resume {runDirectory}) or choose another name");
-            model = options.InitFrom is { } init ? Pretrained.load(init)
+            model = options.InitFrom is { } init ? ModelSource.load(init)
                 : options.Initialization == ModelInitialization.TorchDefaults ? FGptModel.WithTorchDefaults(options.Model.ToFSharp(), options.Seed)
                 : new FGptModel(options.Model.ToFSharp(), Options.Some<long>(options.Seed));
         }

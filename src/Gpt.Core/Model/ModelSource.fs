@@ -67,7 +67,7 @@ module ModelSource =
                 || fileExtensions |> List.exists (fun e -> path.EndsWith(e, StringComparison.OrdinalIgnoreCase))
             match (if looksLikePath then None else HubCache.tryParseId path) with
             | Some id -> HubModel id
-            | None -> Errors.fail "model '%s' does not exist: expected a folder, a .pth or .safetensors file, or a Hugging Face id such as gpt2 or openai-community/gpt2-medium" path
+            | None -> Errors.fail "model '%s' does not exist (no such model directory or file): expected a folder, a .pth or .safetensors file, or a Hugging Face id such as gpt2 or openai-community/gpt2-medium" path
 
     /// Reads a configuration file: a Hugging Face config.json (n_embd, n_head, ...) or the book's GPT_CONFIG
     /// dictionary as JSON (vocab_size, context_length, emb_dim, n_heads, n_layers, drop_rate, qkv_bias).
