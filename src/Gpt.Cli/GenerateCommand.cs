@@ -43,7 +43,7 @@ internal static class GenerateCommand
             var promptIds = textPrompts.Length > 0
                 ? textPrompts.Select(p => (IReadOnlyList<int>)tokenizer.Encode(p)).ToList()
                 : idPrompts.Select((s, i) => (IReadOnlyList<int>)ModelCommands.ParseIdList(s, $"--ids #{i + 1}")).ToList();
-            using var model = GptModel.Load(parse.GetValue(modelPath)!);
+            using var model = ModelCommands.LoadModel(context, parse.GetValue(modelPath)!);
             var json = parse.GetValue(format) == "json";
             var streaming = !json && !parse.GetValue(noStream) && promptIds.Count == 1 && textPrompts.Length == 1;
             if (streaming)
@@ -82,7 +82,7 @@ internal static class GenerateCommand
     /// <summary><c>gpt bench generate</c>.</summary>
     public static Command Bench(CliContext context)
     {
-        var modelPath = new Option<string?>("--model") { Description = "Model directory (default: a freshly initialised gpt2-small, tied head)." };
+        var modelPath = new Option<string?>("--model") { Description = "Model: a folder, a .pth file or a Hugging Face id (default: a freshly initialised gpt2-small, tied head)." };
         var promptTokens = new Option<int>("--prompt-tokens") { Description = "Prompt length.", DefaultValueFactory = _ => 8 };
         var newTokens = new Option<int>("--new-tokens") { Description = "Tokens to generate.", DefaultValueFactory = _ => 64 };
         var noCache = new Option<bool>("--no-kv-cache") { Description = "Measure without the KV cache." };
@@ -94,7 +94,7 @@ internal static class GenerateCommand
         var command = BenchCommand.Part(context, "generate", "Generation speed in tokens/s (greedy, after a warm-up; median of several runs).", parse =>
         {
             var path = parse.GetValue(modelPath);
-            using var model = path is null ? GptModel.Create(GptConfiguration.Gpt2Small, seed: 1) : GptModel.Load(path);
+            using var model = path is null ? GptModel.Create(GptConfiguration.Gpt2Small, seed: 1) : ModelCommands.LoadModel(context, path);
             JsonObject Figures(GenerationBenchmark t) => new()
             {
                 ["tokens_per_s"] = Math.Round(t.TokensPerSecond, 2), ["prompt_tokens"] = t.PromptTokens, ["new_tokens"] = t.NewTokens,

@@ -36,7 +36,7 @@ internal static class TrainCommand
         var resume = new Option<string?>("--resume") { Description = "Resume a run from its latest checkpoint: the run's folder (runs/NAME) or a checkpoint. Its options are reused; options given here override them." };
         var init = new Option<string>("--init") { Description = "How a fresh model's weights are drawn: gpt2 (N(0, 0.02), GPT-2's) or torch (PyTorch's layer defaults, as the book's model has).", DefaultValueFactory = _ => "gpt2" };
         init.AcceptOnlyFromAmong("gpt2", "torch");
-        var initFrom = new Option<string?>("--init-from") { Description = "Continue pretraining a model in the Hugging Face layout (config.json + model.safetensors)." };
+        var initFrom = new Option<string?>("--init-from") { Description = "Continue pretraining a model: a folder (Hugging Face layout or OpenAI's checkpoint), a .pth state dict, or a Hugging Face id (gpt2, ...)." };
         var keepLast = new Option<int>("--keep-last") { Description = "Checkpoints kept besides the best by validation loss.", DefaultValueFactory = _ => defaults.KeepLast };
         var checkpointInterval = new Option<int>("--checkpoint-interval") { Description = "Write a checkpoint every this many steps (0: only at the end and on Ctrl+C).", DefaultValueFactory = _ => defaults.CheckpointInterval };
         var format = Commands.FormatOption();
@@ -74,6 +74,8 @@ internal static class TrainCommand
                 };
             if ((resumePath is not null || initPath is not null) && Given(init))
                 throw new GptException($"{(resumePath is not null ? "--resume" : "--init-from")} brings its own weights: --init does not apply");
+            // A hub id is fetched here, where its download can be shown; the run then records the local path.
+            if (options.InitFrom is { } source) options = options with { InitFrom = GptModel.Locate(source, DownloadProgressBar.For(context), context.Cancellation) };
             options = options with
             {
                 Data = Given(data) ? parse.GetValue(data) : options.Data,
