@@ -323,7 +323,8 @@ module TorchPickle =
              try stream.ReadExactly(whole.bytes)
              with :? EndOfStreamException -> fail "storage '%s' of tensor '%s' ends early: the file is truncated" storage.Key name)
             use view = whole.as_strided(tensor.Shape, tensor.Stride, tensor.Offset)
-            view.contiguous().clone()
+            use contiguous = view.contiguous ()
+            contiguous.clone ()
 
         interface IDisposable with
             member _.Dispose() = zip.Dispose()
