@@ -89,9 +89,9 @@ module GenerationBench =
         let withoutCache = pairs |> Array.map snd |> summarise promptTokens newTokens false
         withCache, withoutCache, withCache.TokensPerSecond / withoutCache.TokensPerSecond
 
-    /// The model a generation benchmark runs: a model folder in the Hugging Face layout, or (None) a freshly
-    /// initialised gpt2-small with random weights (seed 1, tied head). The caller disposes it.
-    let loadModel (path: string option) : Gpt.Model.GptModel =
-        match path with
-        | Some directory -> Gpt.Weights.Pretrained.load directory
+    /// The model a generation benchmark runs: any model source (ModelSource.load: a folder, a file, a Hugging Face id),
+    /// or (None) a freshly initialised gpt2-small with random weights (seed 1, tied head). The caller disposes it.
+    let loadModel (source: string option) : Gpt.Model.GptModel =
+        match source with
+        | Some source -> Gpt.Weights.ModelSource.load source
         | None -> new Gpt.Model.GptModel(Gpt.Model.GptConfig.gpt2Small, 1L)

@@ -81,10 +81,11 @@ public sealed partial class GptModel : IDisposable
         return new(new FGptModel(configuration.ToFSharp(), seed is { } s ? FSharpOption<long>.Some(s) : FSharpOption<long>.None));
     }
 
-    /// <summary>Loads a model in the Hugging Face GPT-2 layout (<c>config.json</c> + <c>model.safetensors</c>).</summary>
+    /// <summary>Loads a model: a folder in the Hugging Face GPT-2 layout (<c>config.json</c> + <c>model.safetensors</c>),
+    /// OpenAI's checkpoint folder, a <c>.pth</c> state dict or a Hugging Face id (see
+    /// <see cref="Load(string, IProgress{ModelDownloadProgress}?, CancellationToken)"/>).</summary>
     /// <exception cref="GptException">Missing or bad files, with the file, tensor, expected and found shapes.</exception>
-    public static GptModel Load(string directory) =>
-        new(Pretrained.load(directory ?? throw new ArgumentNullException(nameof(directory))));
+    public static GptModel Load(string source) => Load(source, (IProgress<ModelDownloadProgress>?)null);
 
     /// <summary>Saves in the Hugging Face GPT-2 layout, atomically (what was there is replaced only when all is written).</summary>
     public void Save(string directory) => Pretrained.save(directory ?? throw new ArgumentNullException(nameof(directory)), Inner);

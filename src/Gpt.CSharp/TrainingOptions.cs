@@ -46,8 +46,8 @@ public sealed record TrainingOptions
     /// <summary>How a fresh model's weights are drawn (from <see cref="Seed"/>).</summary>
     public ModelInitialization Initialization { get; init; } = ModelInitialization.Gpt2;
 
-    /// <summary>Continue pretraining a model in the Hugging Face layout (<c>config.json</c> +
-    /// <c>model.safetensors</c>) instead of starting from random weights.</summary>
+    /// <summary>Continue pretraining a model (any source <see cref="GptModel.Load(string)"/> takes: a Hugging Face
+    /// folder or id, OpenAI's checkpoint, a <c>.pth</c>) instead of starting from random weights.</summary>
     public string? InitFrom { get; init; }
 
     /// <summary>Resume a run: its directory (<c>runs/NAME</c>), its <c>checkpoints</c> folder or one checkpoint. The
@@ -143,6 +143,10 @@ public sealed record TrainingOptions
     /// <exception cref="GptException">No complete checkpoint at <paramref name="path"/>, or an unreadable one.</exception>
     public static TrainingOptions FromCheckpoint(string path) =>
         From(RunOptionsModule.fromCheckpoint(path ?? throw new ArgumentNullException(nameof(path))));
+
+    /// <summary>Checks the options that need no file (the run checks the rest when it starts).</summary>
+    /// <exception cref="GptException">With a message naming the bad option.</exception>
+    public void Validate() => RunOptionsModule.validate(ToFSharp());
 
     internal FRunOptions ToFSharp() => new(
         Options.SomeObject(Data), TrainRatio, Options.SomeObject(Model?.ToFSharp()),

@@ -12,6 +12,7 @@ internal static partial class Commands
         yield return ModelCommands.Init(context);
         yield return ModelCommands.Info(context);
         yield return ModelCommands.Logits(context);
+        yield return ConvertCommand.Create(context);
         yield return TrainCommand.Create(context);
         yield return GenerateCommand.Create(context);
         yield return BenchCommand.Create(context);

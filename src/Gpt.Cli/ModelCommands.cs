@@ -97,7 +97,7 @@ internal static class ModelCommands
         var command = new Command("info", "Print a model's configuration, parameter count and memory.") { modelPath, format };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
-            using var model = GptModel.Load(parse.GetValue(modelPath)!);
+            using var model = LoadModel(context, parse.GetValue(modelPath)!);
             Commands.Print(context, parse.GetValue(format)!, Describe(model));
             return 0;
         }));
@@ -116,7 +116,7 @@ internal static class ModelCommands
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
             var sequences = parse.GetValue(ids)!.Select((s, i) => ParseIdList(s, $"--ids #{i + 1}")).ToList();
-            using var model = GptModel.Load(parse.GetValue(modelPath)!);
+            using var model = LoadModel(context, parse.GetValue(modelPath)!);
             var logits = model.Logits(sequences);
             var writer = context.Output;
             writer.Write("{\"logits\": [");
@@ -138,7 +138,16 @@ internal static class ModelCommands
     }
 
     internal static Option<string> ModelOption() =>
-        new("--model") { Description = "Model directory (Hugging Face GPT-2 layout: config.json + model.safetensors).", Required = true };
+        new("--model")
+        {
+            Description = "The model: a folder (Hugging Face layout, or OpenAI's checkpoint with hparams.json), a .pth state dict (the book's), " +
+                          "or a Hugging Face id (gpt2, openai-community/gpt2-medium, user/name@revision: from the cache, else downloaded).",
+            Required = true,
+        };
+
+    /// <summary>Loads any model source, showing downloads on standard error.</summary>
+    internal static GptModel LoadModel(CliContext context, string source) =>
+        GptModel.Load(source, DownloadProgressBar.For(context), context.Cancellation);
 
     /// <summary>"1,2,3" (or "[1, 2, 3]") to ids, with a clear error.</summary>
     internal static int[] ParseIdList(string text, string where)

@@ -63,14 +63,21 @@ internal static class TrainCommand
             // A run's options come from its checkpoint (unless --init-from is given too, which the core refuses).
             var options = resumePath is not null && initPath is null ? TrainingOptions.FromCheckpoint(resumePath)
                 : new TrainingOptions { InitFrom = initPath, ResumeFrom = resumePath };
-            var basis = resumePath is not null ? options.Model : initPath is not null && shapeGiven ? GptConfiguration.FromModelDirectory(initPath) : null;
+            options = options with
+            {
+                Initialization = Given(init) ? (parse.GetValue(init) == "torch" ? ModelInitialization.TorchDefaults : ModelInitialization.Gpt2)
+                    : options.Initialization,
+            };
+            options.Validate();
+            // A hub id is fetched here, where its download can be shown; the run then records the local path.
+            if (resumePath is null && options.InitFrom is { } source) options = options with { InitFrom = GptModel.Locate(source, DownloadProgressBar.For(context), context.Cancellation) };
+            var basis = resumePath is not null ? options.Model
+                : options.InitFrom is { } local && shapeGiven && File.Exists(Path.Combine(local, "config.json")) ? GptConfiguration.FromModelDirectory(local) : null;
             options = options with
             {
                 Model = shapeGiven ? config.Read(parse, basis) : options.Model,
                 ContextLength = (resumePath is not null || initPath is not null) && Given(config.ContextLength)
                     ? parse.GetValue(config.ContextLength) : options.ContextLength,
-                Initialization = Given(init) ? (parse.GetValue(init) == "torch" ? ModelInitialization.TorchDefaults : ModelInitialization.Gpt2)
-                    : options.Initialization,
             };
             options = options with
             {

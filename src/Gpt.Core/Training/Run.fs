@@ -297,7 +297,7 @@ module Run =
             let config = options.Model |> Option.defaultValue RunOptions.defaultModel
             let model =
                 match options.InitFrom, options.Initialization with
-                | Some init, _ -> Pretrained.load init
+                | Some init, _ -> ModelSource.load init
                 | None, ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Seed)
                 | None, ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Seed)
             if options.InitFrom.IsSome then checkShape "--init-from" "the model" options model

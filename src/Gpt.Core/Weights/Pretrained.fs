@@ -197,21 +197,10 @@ module Pretrained =
             reraise ()
 
     /// Reads a pickled PyTorch state dict (`torch.save(model.state_dict(), path)`: a .pth, or transformers'
-    /// pytorch_model.bin) with TorchSharp.PyBridge's unpickler, sorted by name. The caller owns the tensors.
+    /// pytorch_model.bin) with TorchPickle, which reads only tensors and plain containers, sorted by name. The caller
+    /// owns the tensors.
     let readPyTorchStateDict (path: string) : (string * torch.Tensor) list =
-        if not (File.Exists path) then Errors.fail "PyTorch checkpoint '%s' does not exist" path
-        let table =
-            try
-                TorchSharp.PyBridge.PyTorchUnpickler.UnpickleStateDict path
-            with e ->
-                raise (GptException(sprintf "PyTorch checkpoint '%s' could not be read as a state dict: %s" path e.Message, e))
-        let entries = [ for entry in table |> Seq.cast<Collections.DictionaryEntry> -> string entry.Key, entry.Value ]
-        let tensors = entries |> List.choose (fun (name, value) -> match value with :? torch.Tensor as t -> Some(name, t) | _ -> None)
-        match entries |> List.tryFind (fun (_, value) -> not (value :? torch.Tensor)) with
-        | Some(name, value) ->
-            for _, tensor in tensors do tensor.Dispose()
-            Errors.fail "PyTorch checkpoint '%s': entry '%s' is a %s, not a tensor: expected a plain state dict" path name (if isNull value then "null" else value.GetType().Name)
-        | None -> tensors |> List.sortBy fst
+        TorchPickle.readStateDict path |> List.sortBy fst
 
     /// Loads a configuration and a pickled PyTorch state dict in the Hugging Face GPT-2 layout. Eval mode.
     let loadPyTorch (configPath: string) (statePath: string) : GptModel =
