@@ -59,8 +59,11 @@ printfn "before training: training loss %.3f, validation loss %.3f" (lossOver da
 let runs = Path.Combine(Path.GetTempPath(), "gpt-ch05-" + Guid.NewGuid().ToString("N").Substring(0, 8))
 let runOptions =
     { RunOptions.defaults with
-        Model = Some config; Epochs = 2; BatchSize = 2; LearningRate = 2e-3; MinLearningRate = Some 2e-4; WarmupSteps = 5
-        EvalInterval = 10; EvalBatches = 2; SampleTokens = 12; MaxSteps = Some 40; OutputDirectory = runs; Name = Some "ch05" }
+        Model = Some config; SampleTokens = 12
+        Training =
+            { TrainingSettings.defaults with
+                Epochs = 2; BatchSize = 2; LearningRate = 2e-3; MinLearningRate = Some 2e-4; WarmupSteps = 5; EvalInterval = 10
+                EvalBatches = 2; MaxSteps = Some 40; OutputDirectory = runs; Name = Some "ch05" } }
 let show (progress: RunProgress) =
     match progress.Kind, progress.Sample with
     | RunEventKind.Evaluation, _ ->

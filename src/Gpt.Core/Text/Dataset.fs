@@ -73,6 +73,12 @@ module Dataset =
         let n = count windows
         if options.DropLast then n / options.BatchSize else (n + options.BatchSize - 1) / options.BatchSize
 
+    /// The SHA-256 of token ids (as little-endian int32): a short identity for a training set.
+    let fingerprint (ids: int[]) =
+        let bytes = Array.zeroCreate<byte> (ids.Length * 4)
+        Buffer.BlockCopy(ids, 0, bytes, 0, bytes.Length)
+        Convert.ToHexString(Security.Cryptography.SHA256.HashData bytes).ToLowerInvariant()
+
     /// The input and target tensors ([B, T], int64) of a batch of windows. The caller owns them.
     let toTensors (windows: SlidingWindows) (indices: int[]) : torch.Tensor * torch.Tensor =
         let length = windows.ContextLength

@@ -49,6 +49,9 @@ module Dataset =
     /// Number of batches in an epoch.
     val batchCount: windows: SlidingWindows -> options: LoaderOptions -> int
 
+    /// The SHA-256 of token ids (as little-endian int32): a short identity for a training set.
+    val fingerprint: ids: int array -> string
+
     /// The input and target tensors ([B, T], int64) of a batch of windows. The caller owns them.
     val toTensors:
       windows: SlidingWindows ->

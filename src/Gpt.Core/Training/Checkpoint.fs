@@ -61,10 +61,7 @@ module Checkpoint =
         Convert.ToHexString(SHA256.HashData stream).ToLowerInvariant()
 
     /// The SHA-256 of token ids (as little-endian int32): a short identity for a training set.
-    let fingerprint (ids: int[]) =
-        let bytes = Array.zeroCreate<byte> (ids.Length * 4)
-        Buffer.BlockCopy(ids, 0, bytes, 0, bytes.Length)
-        Convert.ToHexString(SHA256.HashData bytes).ToLowerInvariant()
+    let fingerprint (ids: int[]) = Gpt.Text.Dataset.fingerprint ids
 
     // ---- the JSON document ----
 

@@ -22,6 +22,87 @@ type ModelInitialization =
     /// PyTorch's default for each layer, which the book's GPTModel keeps: Linear U(±1/sqrt(fan_in)), embeddings N(0, 1).
     | TorchDefaults
 
+/// What every training run takes, whatever it trains: optimisation, evaluation and output. A run resolves it into the
+/// trainer's options (TrainerOptions) once it knows its model.
+type TrainingSettings =
+    { BatchSize: int
+      Epochs: int
+      MaxSteps: int option
+      LearningRate: float
+      /// Where the cosine decay ends (None: the run's default, a tenth of LearningRate for pretraining).
+      MinLearningRate: float option
+      /// Where the warmup starts (None: the minimum rate).
+      InitialLearningRate: float option
+      WarmupSteps: int
+      WeightDecay: float
+      /// Decay every parameter (the book) instead of matrices only (nanoGPT).
+      DecayAll: bool
+      Beta1: float
+      Beta2: float
+      GradientClip: float option
+      GradientAccumulation: int
+      EvalInterval: int
+      EvalBatches: int
+      Seed: int
+      /// Folder of runs: the run writes OutputDirectory/Name/.
+      OutputDirectory: string
+      /// The run's folder name (None: run-yyyyMMdd-HHmmss).
+      Name: string option
+      KeepLast: int
+      CheckpointInterval: int
+      /// A run's folder, its checkpoints folder or one checkpoint: continue that run.
+      ResumeFrom: string option }
+
+[<RequireQualifiedAccess>]
+module TrainingSettings =
+    /// `gpt train`'s defaults: batch 4, 20 epochs, AdamW 1e-3 with 10 warmup steps and a cosine decay to 1e-4,
+    /// weight decay 0.1 on matrices, clipping at 1, evaluation every 20 steps on 5 batches, seed 123, runs/.
+    let defaults =
+        { BatchSize = 4; Epochs = 20; MaxSteps = None; LearningRate = 1e-3; MinLearningRate = None; InitialLearningRate = None
+          WarmupSteps = 10; WeightDecay = 0.1; DecayAll = false; Beta1 = 0.9; Beta2 = 0.999; GradientClip = Some 1.0
+          GradientAccumulation = 1; EvalInterval = 20; EvalBatches = 5; Seed = 123; OutputDirectory = "runs"; Name = None
+          KeepLast = 3; CheckpointInterval = 100; ResumeFrom = None }
+
+    /// The book's fine-tuning (chapters 6 and 7): AdamW at 5e-5 with weight decay 0.1 on every parameter, batch 8, no
+    /// warmup, no clipping; `epochs` epochs, evaluation every 50 steps on 5 batches. Fine-tuning runs resolve a missing
+    /// minimum rate to the learning rate itself: a constant rate unless --min-lr is given.
+    let bookFineTuning (epochs: int) =
+        { defaults with
+            BatchSize = 8; Epochs = epochs; LearningRate = 5e-5; WarmupSteps = 0; DecayAll = true; GradientClip = None
+            EvalInterval = 50 }
+
+    /// The trainer's options for these settings, a training window, a sample and the run's folder. The minimum rate
+    /// defaults to `defaultMinimum` (of the learning rate), the initial rate to the minimum.
+    let resolve (settings: TrainingSettings) (defaultMinimum: float -> float) (contextLength: int) (stride: int)
+                (sample: string option * int) (runDirectory: string) : TrainerOptions =
+        let minimum = settings.MinLearningRate |> Option.defaultValue (defaultMinimum settings.LearningRate)
+        { Epochs = settings.Epochs; MaxSteps = settings.MaxSteps; BatchSize = settings.BatchSize; ContextLength = contextLength
+          Stride = stride; LearningRate = settings.LearningRate; MinLearningRate = minimum
+          InitialLearningRate = settings.InitialLearningRate |> Option.defaultValue minimum
+          WarmupSteps = settings.WarmupSteps; WeightDecay = settings.WeightDecay; DecayAll = settings.DecayAll; Beta1 = settings.Beta1
+          Beta2 = settings.Beta2; GradientClip = settings.GradientClip; GradientAccumulation = settings.GradientAccumulation
+          EvalInterval = settings.EvalInterval; EvalBatches = settings.EvalBatches; Seed = settings.Seed
+          OutputDirectory = Some runDirectory; CheckpointInterval = settings.CheckpointInterval; KeepLast = settings.KeepLast
+          SamplePrompt = fst sample; SampleTokens = snd sample }
+
+    /// The settings a checkpoint's trainer options were resolved from, in the run folder that holds it.
+    let ofTrainerOptions (stored: TrainerOptions) (runDirectory: string) (resumeFrom: string) =
+        { BatchSize = stored.BatchSize; Epochs = stored.Epochs; MaxSteps = stored.MaxSteps; LearningRate = stored.LearningRate
+          MinLearningRate = Some stored.MinLearningRate; InitialLearningRate = Some stored.InitialLearningRate
+          WarmupSteps = stored.WarmupSteps; WeightDecay = stored.WeightDecay; DecayAll = stored.DecayAll; Beta1 = stored.Beta1
+          Beta2 = stored.Beta2; GradientClip = stored.GradientClip; GradientAccumulation = stored.GradientAccumulation
+          EvalInterval = stored.EvalInterval; EvalBatches = stored.EvalBatches; Seed = stored.Seed
+          OutputDirectory = Path.GetDirectoryName runDirectory; Name = Some(Path.GetFileName runDirectory); KeepLast = stored.KeepLast
+          CheckpointInterval = stored.CheckpointInterval; ResumeFrom = Some resumeFrom }
+
+    /// Fails on settings no run can take (the trainer checks the rest).
+    let validate (settings: TrainingSettings) =
+        match settings.Name with
+        | Some name when name = "" || name = "." || name = ".." || name.IndexOfAny(Path.GetInvalidFileNameChars()) >= 0 ->
+            Errors.fail "the run name '%s' is not a valid folder name" name
+        | _ -> ()
+        Errors.require (not (String.IsNullOrWhiteSpace settings.OutputDirectory)) "the output directory is not set"
+
 /// Everything that shapes a pretraining run: every `gpt train` option.
 type RunOptions =
     { /// A file, a folder (every file, recursively) or a glob; None: the built-in story.
@@ -32,40 +113,16 @@ type RunOptions =
       /// with them must be theirs.
       Model: GptConfig option
       Initialization: ModelInitialization
-      /// Continue pretraining a model in the Hugging Face layout instead of starting from random weights.
+      /// Continue pretraining a model (any model source) instead of starting from random weights.
       InitFrom: string option
-      /// A run's folder, its checkpoints folder or one checkpoint: continue that run.
-      ResumeFrom: string option
       /// Tokens per training window (None: the model's context length).
       ContextLength: int option
       /// Distance between window starts (None: the context length, no overlap).
       Stride: int option
-      BatchSize: int
-      Epochs: int
-      MaxSteps: int option
-      LearningRate: float
-      /// Where the cosine decay ends (None: LearningRate / 10).
-      MinLearningRate: float option
-      /// Where the warmup starts (None: the minimum rate).
-      InitialLearningRate: float option
-      WarmupSteps: int
-      WeightDecay: float
-      DecayAll: bool
-      Beta1: float
-      Beta2: float
-      GradientClip: float option
-      GradientAccumulation: int
-      EvalInterval: int
-      EvalBatches: int
+      /// The greedy sample at each epoch end (None: no sample).
       SamplePrompt: string option
       SampleTokens: int
-      Seed: int
-      /// Folder of runs: the run writes OutputDirectory/Name/.
-      OutputDirectory: string
-      /// The run's folder name (None: run-yyyyMMdd-HHmmss).
-      Name: string option
-      KeepLast: int
-      CheckpointInterval: int }
+      Training: TrainingSettings }
 
 /// What a run reports. Every report carries the latest value of everything (a snapshot), so a display can show
 /// any of it at any time.
@@ -169,15 +226,12 @@ module RunOptions =
     let defaultModel =
         { GptConfig.gpt2Small with ContextLength = 128; EmbeddingDim = 256; Heads = 4; Layers = 4; DropRate = 0.1; QkvBias = false }
 
-    /// The default run: the default model on the built-in story for 20 epochs, batch 4, AdamW 1e-3 with 10 warmup
-    /// steps and a cosine decay to 1e-4, clipping at 1, evaluation every 20 steps on 5 batches.
+    /// The default run: the default model on the built-in story for 20 epochs (TrainingSettings.defaults), a sample of
+    /// 40 tokens after "Every effort moves you" at every epoch end.
     let defaults =
         { Data = None; TrainRatio = Loss.defaultTrainRatio; Model = None; Initialization = ModelInitialization.Gpt2
-          InitFrom = None; ResumeFrom = None; ContextLength = None; Stride = None; BatchSize = 4; Epochs = 20; MaxSteps = None
-          LearningRate = 1e-3; MinLearningRate = None; InitialLearningRate = None; WarmupSteps = 10; WeightDecay = 0.1
-          DecayAll = false; Beta1 = 0.9; Beta2 = 0.999; GradientClip = Some 1.0; GradientAccumulation = 1; EvalInterval = 20
-          EvalBatches = 5; SamplePrompt = Some "Every effort moves you"; SampleTokens = 40; Seed = 123
-          OutputDirectory = "runs"; Name = None; KeepLast = 3; CheckpointInterval = 100 }
+          InitFrom = None; ContextLength = None; Stride = None; SamplePrompt = Some "Every effort moves you"; SampleTokens = 40
+          Training = TrainingSettings.defaults }
 
     /// The book's chapter 5 run: gpt2-small with 256 positions, no QKV bias and an untied head (162M parameters),
     /// PyTorch's default initialisation (with GPT-2's this run stalls near a loss of 5); AdamW with a constant 4e-4
@@ -186,9 +240,11 @@ module RunOptions =
     let book =
         { defaults with
             Model = Some { GptConfig.gpt2Small with ContextLength = 256; QkvBias = false; DropRate = 0.1; TiedHead = false }
-            Initialization = ModelInitialization.TorchDefaults; BatchSize = 2; Epochs = 10; LearningRate = 4e-4
-            MinLearningRate = Some 4e-4; WarmupSteps = 0; DecayAll = true; GradientClip = None; EvalInterval = 5
-            SampleTokens = 50 }
+            Initialization = ModelInitialization.TorchDefaults; SampleTokens = 50
+            Training =
+                { TrainingSettings.defaults with
+                    BatchSize = 2; Epochs = 10; LearningRate = 4e-4; MinLearningRate = Some 4e-4; WarmupSteps = 0
+                    DecayAll = true; GradientClip = None; EvalInterval = 5 } }
 
     /// The run directory a checkpoint directory (RUN/checkpoints/step-N) belongs to.
     let runDirectoryOf (checkpointDirectory: string) =
@@ -204,43 +260,26 @@ module RunOptions =
         let directory = Checkpoint.resolve path
         let state = Checkpoint.read directory
         let stored = TrainerOptions.ofJson state.TrainingOptions
-        let model = Pretrained.parseConfig directory state.ModelConfiguration
         let runDirectory = runDirectoryOf directory
         let data, ratio = RunFile.read runDirectory
-        { Data = data; TrainRatio = ratio; Model = Some model; Initialization = ModelInitialization.Gpt2; InitFrom = None
-          ResumeFrom = Some path; ContextLength = Some stored.ContextLength; Stride = Some stored.Stride
-          BatchSize = stored.BatchSize; Epochs = stored.Epochs; MaxSteps = stored.MaxSteps; LearningRate = stored.LearningRate
-          MinLearningRate = Some stored.MinLearningRate; InitialLearningRate = Some stored.InitialLearningRate
-          WarmupSteps = stored.WarmupSteps; WeightDecay = stored.WeightDecay; DecayAll = stored.DecayAll; Beta1 = stored.Beta1
-          Beta2 = stored.Beta2; GradientClip = stored.GradientClip; GradientAccumulation = stored.GradientAccumulation
-          EvalInterval = stored.EvalInterval; EvalBatches = stored.EvalBatches; SamplePrompt = stored.SamplePrompt
-          SampleTokens = stored.SampleTokens; Seed = stored.Seed; OutputDirectory = Path.GetDirectoryName runDirectory
-          Name = Some(Path.GetFileName runDirectory); KeepLast = stored.KeepLast; CheckpointInterval = stored.CheckpointInterval }
+        { Data = data; TrainRatio = ratio; Model = Some(Pretrained.parseConfig directory state.ModelConfiguration)
+          Initialization = ModelInitialization.Gpt2; InitFrom = None; ContextLength = Some stored.ContextLength
+          Stride = Some stored.Stride; SamplePrompt = stored.SamplePrompt; SampleTokens = stored.SampleTokens
+          Training = TrainingSettings.ofTrainerOptions stored runDirectory path }
 
     /// The trainer's options for a run with the model's training window and its folder.
     let toTrainerOptions (options: RunOptions) (contextLength: int) (runDirectory: string) : TrainerOptions =
-        let minimum = options.MinLearningRate |> Option.defaultValue (options.LearningRate / 10.0)
-        { Epochs = options.Epochs; MaxSteps = options.MaxSteps; BatchSize = options.BatchSize; ContextLength = contextLength
-          Stride = options.Stride |> Option.defaultValue contextLength; LearningRate = options.LearningRate
-          InitialLearningRate = options.InitialLearningRate |> Option.defaultValue minimum; MinLearningRate = minimum
-          WarmupSteps = options.WarmupSteps; WeightDecay = options.WeightDecay; DecayAll = options.DecayAll; Beta1 = options.Beta1
-          Beta2 = options.Beta2; GradientClip = options.GradientClip; GradientAccumulation = options.GradientAccumulation
-          EvalInterval = options.EvalInterval; EvalBatches = options.EvalBatches; Seed = options.Seed
-          OutputDirectory = Some runDirectory; CheckpointInterval = options.CheckpointInterval; KeepLast = options.KeepLast
-          SamplePrompt = options.SamplePrompt; SampleTokens = options.SampleTokens }
+        TrainingSettings.resolve options.Training (fun lr -> lr / 10.0) contextLength (options.Stride |> Option.defaultValue contextLength)
+            (options.SamplePrompt, options.SampleTokens) runDirectory
 
     /// Fails on options no run can take (the trainer checks the rest).
     let validate (options: RunOptions) =
-        if options.ResumeFrom.IsSome && options.InitFrom.IsSome then
+        if options.Training.ResumeFrom.IsSome && options.InitFrom.IsSome then
             Errors.fail "--resume and --init-from do not go together: --resume continues a run with its own model, --init-from starts a new run from a model"
         Errors.require (options.TrainRatio > 0.0 && options.TrainRatio < 1.0)
             "the training ratio must be between 0 and 1 (exclusive), found %g" options.TrainRatio
-        match options.Name with
-        | Some name when name = "" || name = "." || name = ".." || name.IndexOfAny(Path.GetInvalidFileNameChars()) >= 0 ->
-            Errors.fail "the run name '%s' is not a valid folder name" name
-        | _ -> ()
-        Errors.require (not (String.IsNullOrWhiteSpace options.OutputDirectory)) "the output directory is not set"
-        match options.ResumeFrom, options.InitFrom, options.Initialization with
+        TrainingSettings.validate options.Training
+        match options.Training.ResumeFrom, options.InitFrom, options.Initialization with
         | Some _, _, ModelInitialization.TorchDefaults -> Errors.fail "--resume brings its own weights: --init does not apply"
         | _, Some _, ModelInitialization.TorchDefaults -> Errors.fail "--init-from brings its own weights: --init does not apply"
         | _ -> ()
@@ -276,30 +315,40 @@ module Run =
             Errors.fail "%s brings its own model: %s cannot change it" what (String.concat ", " different)
         | _ -> ()
 
+    /// The checkpoint a resumed run continues from and the run's folder; a folder given in the settings must be that one.
+    let resumedDirectory (settings: TrainingSettings) (resume: string) =
+        let checkpoint = Checkpoint.resolve resume
+        let runDirectory = RunOptions.runDirectoryOf checkpoint
+        match settings.Name with
+        | Some name when Path.GetFullPath(Path.Combine(settings.OutputDirectory, name)) <> runDirectory ->
+            Errors.fail "--resume continues in the run's own folder (%s): --out and --name cannot move it" runDirectory
+        | _ -> ()
+        checkpoint, runDirectory
+
+    /// A new run's folder: OutputDirectory/Name (or a dated name), refused when it holds another run's checkpoints.
+    let freshDirectory (settings: TrainingSettings) =
+        let name = settings.Name |> Option.defaultWith (fun () -> defaultName settings.OutputDirectory)
+        let runDirectory = Path.GetFullPath(Path.Combine(settings.OutputDirectory, name))
+        if (Checkpoint.list (Path.Combine(runDirectory, "checkpoints"))).Length > 0 then
+            Errors.fail "'%s' already holds a run: resume it (--resume %s) or choose another name" runDirectory runDirectory
+        runDirectory
+
     /// The run folder and the model a run starts from: a checkpoint's (resume), a pretrained one, or a fresh one.
     let private prepareModel (options: RunOptions) : string * string option * GptModel =
-        match options.ResumeFrom with
+        match options.Training.ResumeFrom with
         | Some resume ->
-            let checkpoint = Checkpoint.resolve resume
-            let runDirectory = RunOptions.runDirectoryOf checkpoint
-            match options.Name with
-            | Some name when Path.GetFullPath(Path.Combine(options.OutputDirectory, name)) <> runDirectory ->
-                Errors.fail "--resume continues in the run's own folder (%s): --out and --name cannot move it" runDirectory
-            | _ -> ()
+            let checkpoint, runDirectory = resumedDirectory options.Training resume
             let model = Checkpoint.loadGpt checkpoint
             checkShape "--resume" "the run" options model
             runDirectory, Some checkpoint, model
         | None ->
-            let name = options.Name |> Option.defaultWith (fun () -> defaultName options.OutputDirectory)
-            let runDirectory = Path.GetFullPath(Path.Combine(options.OutputDirectory, name))
-            if (Checkpoint.list (Path.Combine(runDirectory, "checkpoints"))).Length > 0 then
-                Errors.fail "'%s' already holds a run: resume it (--resume %s) or choose another name" runDirectory runDirectory
+            let runDirectory = freshDirectory options.Training
             let config = options.Model |> Option.defaultValue RunOptions.defaultModel
             let model =
                 match options.InitFrom, options.Initialization with
                 | Some init, _ -> ModelSource.load init
-                | None, ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Seed)
-                | None, ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Seed)
+                | None, ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed)
+                | None, ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed)
             if options.InitFrom.IsSome then checkShape "--init-from" "the model" options model
             runDirectory, None, model
 
@@ -315,8 +364,9 @@ module Run =
         if ids.Length < needed then Errors.fail "the text is too short (%s): it has %d tokens, %s" source ids.Length advice
         ids
 
-    /// Turns the trainer's events into snapshots of the run.
-    let private reporter (report: RunProgress -> unit) (epochs: int) (runDirectory: string) =
+    /// Turns the trainer's events into snapshots of the run: the handler for the trainer, one for the saved model,
+    /// and the latest snapshot.
+    let reporter (report: RunProgress -> unit) (epochs: int) (runDirectory: string) =
         let latest =
             ref
                 { Kind = RunEventKind.Started; Step = 0; TotalSteps = 0; Epoch = 1; Epochs = epochs; TrainLoss = nan
@@ -347,7 +397,8 @@ module Run =
         let modelSaved directory = emit { latest.Value with Kind = RunEventKind.ModelSaved; Path = Some directory }
         onEvent, modelSaved, (fun () -> latest.Value)
 
-    let private result (r: TrainingResult) (elapsed: TimeSpan) (runDirectory: string) (modelDirectory: string option) =
+    /// The run's result from the trainer's.
+    let resultOf (r: TrainingResult) (elapsed: TimeSpan) (runDirectory: string) (modelDirectory: string option) =
         let first = r.Evaluations |> Array.tryHead
         let last = r.Evaluations |> Array.tryLast
         { Steps = r.Steps; TotalSteps = r.TotalSteps; TokensSeen = r.TokensSeen; Cancelled = r.Cancelled
@@ -377,7 +428,7 @@ module Run =
         let trainerOptions = RunOptions.toTrainerOptions options contextLength runDirectory
         TrainerOptions.validate trainerOptions
         if resumeFrom.IsNone then RunFile.write runDirectory options
-        let onEvent, modelSaved, latest = reporter report options.Epochs runDirectory
+        let onEvent, modelSaved, latest = reporter report options.Training.Epochs runDirectory
         let trained = Trainer.train trainerOptions model data resumeFrom onEvent cancellation
         let modelDirectory =
             if trained.Steps = 0 then None
@@ -387,4 +438,4 @@ module Run =
                 Pretrained.save directory model
                 modelSaved directory
                 Some directory
-        result trained (latest ()).Elapsed runDirectory modelDirectory
+        resultOf trained (latest ()).Elapsed runDirectory modelDirectory

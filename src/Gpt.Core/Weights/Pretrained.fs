@@ -211,25 +211,37 @@ module Pretrained =
         finally
             for _, tensor in tensors do tensor.Dispose()
 
-    /// Loads DIR/config.json and DIR/model.safetensors (F16/BF16 converted to float32), or DIR/pytorch_model.bin when
-    /// there is no safetensors file. Bad files fail naming the file, the tensor, expected and found shape or dtype,
-    /// and the missing and unexpected keys. Eval mode.
-    let load (directory: string) : GptModel =
-        if not (Directory.Exists directory) then Errors.fail "model directory '%s' does not exist" directory
+    /// The architectures a config.json names ("GPT2LMHeadModel", "GPT2ForSequenceClassification", ...).
+    let architecturesOf (fields: ConfigFields) : string list =
+        match fields.TryField "architectures" with
+        | Some value when value.ValueKind = JsonValueKind.Array ->
+            [ for item in value.EnumerateArray() do if item.ValueKind = JsonValueKind.String then item.GetString() ]
+        | _ -> []
+
+    /// A model folder's tensors: model.safetensors (F16/BF16 converted to float32), or pytorch_model.bin when there
+    /// is no safetensors file, with the file they came from. The caller disposes them.
+    let readTensors (directory: string) : string * (string * torch.Tensor) list =
         let weightsPath = Path.Combine(directory, weightsFileName)
         let pytorchPath = Path.Combine(directory, pytorchFileName)
+        if File.Exists weightsPath then weightsPath, fst (Safetensors.readWithMetadata weightsPath)
+        elif File.Exists pytorchPath then pytorchPath, readPyTorchStateDict pytorchPath
+        else Errors.fail "model directory '%s' has no %s (nor %s)" directory weightsFileName pytorchFileName
+
+    /// Loads DIR/config.json and DIR/model.safetensors (or DIR/pytorch_model.bin). Bad files fail naming the file, the
+    /// tensor, expected and found shape or dtype, and the missing and unexpected keys. Eval mode.
+    let load (directory: string) : GptModel =
+        if not (Directory.Exists directory) then Errors.fail "model directory '%s' does not exist" directory
         let configPath = Path.Combine(directory, configFileName)
-        let config = readConfig configPath
-        if File.Exists weightsPath then
-            let tensors, _ = Safetensors.readWithMetadata weightsPath
-            try
-                fromTensors weightsPath config tensors
-            finally
-                for _, tensor in tensors do tensor.Dispose()
-        elif File.Exists pytorchPath then
-            loadPyTorch configPath pytorchPath
-        else
-            Errors.fail "model directory '%s' has no %s (nor %s)" directory weightsFileName pytorchFileName
+        if not (File.Exists configPath) then Errors.fail "config '%s' does not exist" configPath
+        let config, architectures =
+            parseWith configPath (File.ReadAllText configPath) (fun fields -> configOf fields, architecturesOf fields)
+        if List.contains "GPT2ForSequenceClassification" architectures then
+            Errors.fail "'%s' is a text classifier (GPT2ForSequenceClassification), not a language model: use it with gpt classify (TextClassifier)" directory
+        let source, tensors = readTensors directory
+        try
+            fromTensors source config tensors
+        finally
+            for _, tensor in tensors do tensor.Dispose()
 
     // ---- save ---------------------------------------------------------------------------------------------------
 
@@ -244,17 +256,17 @@ module Pretrained =
               if not config.QkvBias && name.EndsWith(".attn.c_attn.weight", StringComparison.Ordinal) then
                   yield name.Replace(".weight", ".bias"), torch.zeros(3L * int64 config.EmbeddingDim, dtype = parameter.dtype) ]
 
-    /// Writes DIR/config.json and DIR/model.safetensors. A new directory is written as a temporary sibling and renamed
+    /// Writes DIR/config.json (configText) and DIR/model.safetensors (the tensors, made inside a dispose scope). A new directory is written as a temporary sibling and renamed
     /// into place; in an existing directory (which may hold other files, such as a tokenizer) each file is written
     /// under a temporary name and renamed over the old one, so no reader ever sees a half-written file.
-    let save (directory: string) (model: GptModel) =
+    let writeDirectory (directory: string) (configText: string) (tensors: unit -> (string * torch.Tensor) list) =
         let directory = Path.GetFullPath directory
         let writeInto (folder: string) =
             use scope = torch.NewDisposeScope()
             let configTemporary = Path.Combine(folder, configFileName + ".tmp-" + Guid.NewGuid().ToString("N"))
-            File.WriteAllText(configTemporary, configJson model.Config)
+            File.WriteAllText(configTemporary, configText)
             try
-                Safetensors.write (Path.Combine(folder, weightsFileName)) (toTensors model)
+                Safetensors.write (Path.Combine(folder, weightsFileName)) (tensors ())
                 File.Move(configTemporary, Path.Combine(folder, configFileName), true)
             with _ ->
                 (try File.Delete configTemporary with _ -> ())
@@ -272,3 +284,6 @@ module Pretrained =
             with _ ->
                 (try Directory.Delete(temporary, true) with _ -> ())
                 reraise ()
+
+    /// Writes a model in the Hugging Face layout: DIR/config.json and DIR/model.safetensors, atomically.
+    let save (directory: string) (model: GptModel) = writeDirectory directory (configJson model.Config) (fun () -> toTensors model)

@@ -1,0 +1,366 @@
+namespace Gpt.FineTuning
+
+// Classification fine-tuning (book chapter 6) as a task for the one trainer: a classifier built from a language model
+// (or a saved classifier), the parameters it trains, the cross-entropy of the label logits, and padded batches of
+// labelled texts; then the run around it (folder, run.json, test accuracy, the saved classifier) and inference.
+
+open System
+open System.IO
+open System.Text.Json
+open System.Text.Json.Nodes
+open System.Threading
+open TorchSharp
+open TorchSharp.Modules
+open Gpt
+open Gpt.Model
+open Gpt.Text
+open Gpt.Training
+open Gpt.Weights
+
+/// Which parameters classification fine-tuning trains; the others are frozen (no gradient, no optimizer state).
+[<RequireQualifiedAccess>]
+type TrainableSet =
+    /// The head only.
+    | Head
+    /// The last N transformer blocks, the final LayerNorm and the head (the book: the last block).
+    | LastBlocks of int
+    /// Every parameter.
+    | All
+
+    /// "head" | "last-block" | "last-N" | "all".
+    member this.Name =
+        match this with
+        | Head -> "head"
+        | LastBlocks 1 -> "last-block"
+        | LastBlocks n -> sprintf "last-%d" n
+        | All -> "all"
+
+    static member Parse(name: string) =
+        let text = if isNull name then "" else name.Trim().ToLowerInvariant()
+        match text with
+        | "head" -> Head
+        | "all" -> All
+        | "last-block" -> LastBlocks 1
+        | _ when text.StartsWith "last-" && fst (Int32.TryParse(text.Substring 5)) && Int32.Parse(text.Substring 5) > 0 ->
+            LastBlocks(Int32.Parse(text.Substring 5))
+        | _ -> Errors.fail "unknown trainable set '%s': expected last-block, last-N (N blocks), head or all" name
+
+/// Every `gpt finetune classify` option.
+type ClassificationOptions =
+    { /// Where to start: a language model (any model source: folder, file, Hugging Face id) gets a new head; a saved
+      /// classifier keeps its own.
+      Model: string
+      /// The training texts (None, with Data None too: the built-in messages, split as Split says).
+      Train: string option
+      Validation: string option
+      Test: string option
+      /// One file to split into training, validation and test texts (seeded shuffle).
+      Data: string option
+      /// Training and validation fractions of Data (the rest is the test split): the book's 0.7 and 0.1.
+      Split: float * float
+      TextColumn: string
+      LabelColumn: string
+      /// The labels in id order (None: in order of first appearance in the training texts).
+      Labels: string list option
+      /// Undersample every label to the count of the rarest (the book's create_balanced_dataset).
+      Balance: bool
+      /// Which position is classified (None: a saved classifier's own, last-token for a new head).
+      Pooling: Pooling option
+      Trainable: TrainableSet
+      /// Pad and truncate every text to this many tokens (None: pad each batch to its longest; with last-position
+      /// pooling, every text to the longest training text, as the book does). Texts are never longer than the context.
+      MaxLength: int option
+      /// Dropout during fine-tuning (the book's 0.0).
+      DropRate: float
+      /// Shuffle the training texts every epoch (false: file order).
+      Shuffle: bool
+      Training: TrainingSettings }
+
+/// How classification fine-tuning ended: the run, the test split's accuracy and loss, the labels, how many texts
+/// each split had and how many were truncated.
+type ClassificationResult =
+    { Run: RunResult
+      Labels: string[]
+      TestAccuracy: float option
+      TestLoss: float option
+      TrainExamples: int
+      ValidationExamples: int
+      TestExamples: int
+      TruncatedTexts: int }
+
+/// One text classified.
+type Prediction =
+    { Text: string
+      LabelId: int
+      Label: string
+      /// Softmax of the logits, in label id order.
+      Probabilities: float[]
+      Logits: float[] }
+
+[<RequireQualifiedAccess>]
+module ClassificationOptions =
+    /// The book's chapter 6 settings for a model: 5 epochs, batch 8, AdamW 5e-5 with weight decay 0.1, the last block
+    /// trained, the built-in messages split 70/10/20 when no data is given, no dropout, last-token pooling.
+    let defaults (model: string) =
+        { Model = model; Train = None; Validation = None; Test = None; Data = None; Split = (0.7, 0.1)
+          TextColumn = ClassificationData.defaultTextColumn; LabelColumn = ClassificationData.defaultLabelColumn; Labels = None
+          Balance = false; Pooling = None; Trainable = TrainableSet.LastBlocks 1; MaxLength = None; DropRate = 0.0
+          Shuffle = true; Training = TrainingSettings.bookFineTuning 5 }
+
+    /// Fails on options no run can take.
+    let validate (options: ClassificationOptions) =
+        Errors.require (not (String.IsNullOrWhiteSpace options.Model)) "no model given: fine-tuning starts from a language model or a classifier (--model)"
+        if options.Data.IsSome && (options.Train.IsSome || options.Validation.IsSome || options.Test.IsSome) then
+            Errors.fail "give the texts either as one file to split (--data) or as --train/--val/--test files, not both"
+        if options.Train.IsNone && (options.Validation.IsSome || options.Test.IsSome) then
+            Errors.fail "--val and --test need --train"
+        let train, validation = options.Split
+        Errors.require (train > 0.0 && validation >= 0.0 && train + validation <= 1.0)
+            "the split must be training > 0, validation >= 0 and their sum <= 1, found %g, %g" train validation
+        options.MaxLength |> Option.iter (fun n -> Errors.require (n > 0) "the maximum length must be positive, found %d" n)
+        Errors.require (options.DropRate >= 0.0 && options.DropRate < 1.0) "dropout rate must be in [0, 1), found %g" options.DropRate
+        match options.Trainable with
+        | TrainableSet.LastBlocks n when n < 1 -> Errors.fail "the number of trained blocks must be positive, found %d" n
+        | _ -> ()
+        TrainingSettings.validate options.Training
+
+    let private full (path: string option) = path |> Option.map Path.GetFullPath
+
+    /// The classification options as run.json records them (the trainer's settings live in the checkpoints).
+    let toJson (options: ClassificationOptions) : JsonObject =
+        let text (value: string option) = value |> Option.map (fun v -> JsonValue.Create v :> JsonNode) |> Option.toObj
+        let json = JsonObject()
+        json["task"] <- "classification"
+        json["model"] <- (if Directory.Exists options.Model || File.Exists options.Model then Path.GetFullPath options.Model else options.Model)
+        json["train"] <- text (full options.Train)
+        json["validation"] <- text (full options.Validation)
+        json["test"] <- text (full options.Test)
+        json["data"] <- text (full options.Data)
+        json["split"] <- JsonArray(JsonValue.Create(fst options.Split), JsonValue.Create(snd options.Split))
+        json["text_column"] <- options.TextColumn
+        json["label_column"] <- options.LabelColumn
+        json["labels"] <- (options.Labels |> Option.map (fun l -> JsonArray(l |> List.map (fun x -> JsonValue.Create x :> JsonNode) |> Array.ofList) :> JsonNode) |> Option.toObj)
+        json["balance"] <- options.Balance
+        json["pooling"] <- (options.Pooling |> Option.map (fun p -> JsonValue.Create p.Name :> JsonNode) |> Option.toObj)
+        json["trainable"] <- options.Trainable.Name
+        json["max_length"] <- (options.MaxLength |> Option.map (fun n -> JsonValue.Create n :> JsonNode) |> Option.toObj)
+        json["drop_rate"] <- options.DropRate
+        json["shuffle"] <- options.Shuffle
+        json
+
+    /// Options back from run.json and a checkpoint's trainer options, resuming from `path`.
+    let ofJson (path: string) (json: JsonNode) (stored: TrainerOptions) (runDirectory: string) (resumeFrom: string) =
+        try
+            let text (key: string) = match json[key] with null -> None | node -> Some(node.GetValue<string>())
+            let split = json["split"].AsArray()
+            { Model = json["model"].GetValue<string>(); Train = text "train"; Validation = text "validation"; Test = text "test"
+              Data = text "data"; Split = (split[0].GetValue<float>(), split[1].GetValue<float>())
+              TextColumn = json["text_column"].GetValue<string>(); LabelColumn = json["label_column"].GetValue<string>()
+              Labels = (match json["labels"] with null -> None | node -> Some [ for l in node.AsArray() -> l.GetValue<string>() ])
+              Balance = json["balance"].GetValue<bool>(); Pooling = (match json["pooling"] with null -> None | node -> Some(Pooling.Parse(node.GetValue<string>())))
+              Trainable = TrainableSet.Parse(json["trainable"].GetValue<string>())
+              MaxLength = (match json["max_length"] with null -> None | node -> Some(node.GetValue<int>()))
+              DropRate = json["drop_rate"].GetValue<float>(); Shuffle = json["shuffle"].GetValue<bool>()
+              Training = TrainingSettings.ofTrainerOptions stored runDirectory resumeFrom }
+        with
+        | :? GptException -> reraise ()
+        | e -> raise (GptException(sprintf "'%s' is not a valid classification run file: %s" path e.Message, e))
+
+/// Classification fine-tuning and classification.
+[<RequireQualifiedAccess>]
+module Classification =
+    /// The texts of each split: the given files, one file split (seeded), or the built-in messages split.
+    let texts (options: ClassificationOptions) : LabelledText list * LabelledText list * LabelledText list =
+        let read path = ClassificationData.read path options.TextColumn options.LabelColumn
+        let balance texts = if options.Balance then ClassificationData.balance options.Training.Seed texts else texts
+        let splitAll texts = ClassificationData.split options.Training.Seed (fst options.Split) (snd options.Split) (balance texts)
+        match options.Train, options.Data with
+        | Some train, _ ->
+            balance (read train), (options.Validation |> Option.map read |> Option.defaultValue []),
+            (options.Test |> Option.map read |> Option.defaultValue [])
+        | None, Some data -> splitAll (read data)
+        | None, None -> splitAll ClassificationData.builtIn.Value
+
+    /// Freezes every parameter outside the trainable set and returns those inside it, by name.
+    let trainable (set: TrainableSet) (classifier: GptClassifier) : (string * Parameter)[] =
+        let layers = classifier.Config.Body.Layers
+        let inSet (name: string) =
+            match set with
+            | TrainableSet.All -> true
+            | TrainableSet.Head -> name.StartsWith "score."
+            | TrainableSet.LastBlocks n ->
+                name.StartsWith "score." || name.StartsWith "transformer.ln_f."
+                || (seq { max 0 (layers - n) .. layers - 1 } |> Seq.exists (fun i -> name.StartsWith(sprintf "transformer.h.%d." i)))
+        for struct (name, parameter) in classifier.named_parameters () do
+            parameter.requires_grad <- inSet name
+        Optimizer.trainable classifier
+
+    /// The cross-entropy of the label logits; an evaluation also counts the right answers.
+    let objective (classifier: GptClassifier) : Objective<ClassificationBatch> =
+        let loss (mode: Mode) (batch: ClassificationBatch) =
+            use scope = torch.NewDisposeScope()
+            (Classifier.loss classifier.Config mode classifier.Params batch.Ids batch.Lengths batch.Labels).MoveToOuterDisposeScope()
+        let score (batch: ClassificationBatch) =
+            use scope = torch.NewDisposeScope()
+            let logits = Classifier.logits classifier.Config Mode.Eval classifier.Params batch.Ids batch.Lengths
+            let value = torch.nn.functional.cross_entropy(logits, batch.Labels).item<float32> ()
+            let correct = logits.argmax(-1L).eq(batch.Labels).sum().item<int64> ()
+            { Loss = float value; Correct = correct; Count = batch.Labels.shape[0] }
+        { Loss = loss; Score = score }
+
+    /// Training batches (shuffled per epoch from the seed, or in file order; an incomplete last batch dropped) and
+    /// evaluation batches in order.
+    let batches (options: ClassificationOptions) (padTokenId: int) (length: int option)
+                (train: ClassificationExample[]) (validation: ClassificationExample[]) : Batches<ClassificationBatch> =
+        let batchSize = options.Training.BatchSize
+        let loader = { Dataset.defaultLoader with BatchSize = batchSize; Shuffle = options.Shuffle; DropLast = true; Seed = options.Training.Seed }
+        let order: (int * int[][]) ref = ref (-1, [||])
+        let training (epoch: int) (index: int) =
+            if fst order.Value <> epoch then order.Value <- (epoch, Dataset.batchIndices train.Length loader epoch)
+            let indices = (snd order.Value)[index]
+            ClassificationData.collate padTokenId length (indices |> Array.map (fun i -> train[i]))
+        let evaluation split =
+            let examples = if split = Split.Training then train else validation
+            examples |> Array.chunkBySize batchSize |> Seq.map (ClassificationData.collate padTokenId length)
+        let averageLength = if train.Length = 0 then 0.0 else train |> Array.averageBy (fun e -> float e.Ids.Length)
+        { PerEpoch = train.Length / batchSize
+          Training = training
+          Evaluation = evaluation
+          TokensPerBatch = int64 (float batchSize * (length |> Option.map float |> Option.defaultValue averageLength))
+          Fingerprint = ClassificationData.fingerprint train }
+
+    /// The classifier a run starts from: a saved classifier (its head and labels), or a language model with a new
+    /// head (seeded) for the labels of the data.
+    let private startingClassifier (options: ClassificationOptions) (dataLabels: string[]) =
+        if Directory.Exists options.Model && ClassifierFiles.isClassifier options.Model then
+            let classifier = ClassifierFiles.loadWith options.Pooling options.Model
+            match dataLabels |> Array.tryFind (fun l -> not (Array.contains l classifier.Labels)) with
+            | Some label ->
+                classifier.Dispose()
+                Errors.fail "the classifier '%s' knows the labels %s; the data has '%s'" options.Model (String.Join(", ", classifier.Labels)) label
+            | None -> classifier
+        else
+            use model = ModelSource.load options.Model
+            let padTokenId = min 50256 (model.Config.VocabSize - 1)
+            let pooling = defaultArg options.Pooling Pooling.LastToken
+            ClassifierFiles.fromLanguageModel model dataLabels padTokenId pooling options.DropRate (int64 options.Training.Seed)
+
+    /// The length every text of a run is padded to (None: each batch to its longest) and the most tokens a text keeps.
+    let private lengths (options: ClassificationOptions) (pooling: Pooling) (contextLength: int) (tokenizer: ITokenizer) (train: LabelledText list) =
+        let limit = min contextLength (options.MaxLength |> Option.defaultValue contextLength)
+        let fixedLength =
+            match options.MaxLength, pooling with
+            | Some n, _ -> Some(min n contextLength)
+            | None, Pooling.LastPosition ->
+                // The book pads every text to the longest training text (SpamDataset with max_length=None).
+                Some(train |> List.map (fun t -> min limit (tokenizer.Encode t.Text).Length) |> List.fold max 1)
+            | None, Pooling.LastToken -> None
+        limit, fixedLength
+
+    /// The examples of the three splits, with the labels and the truncation count.
+    let private examples (options: ClassificationOptions) (labels: string[]) (limit: int) (tokenizer: ITokenizer) (train, validation, test) =
+        let encode = ClassificationData.encode tokenizer labels limit
+        let trainExamples, validationExamples, testExamples = encode train, encode validation, encode test
+        let truncated = [ trainExamples; validationExamples; testExamples ] |> List.sumBy (Array.filter _.Truncated >> Array.length)
+        Errors.require (trainExamples.Length >= options.Training.BatchSize)
+            "the training split has %d texts, fewer than one batch of %d" trainExamples.Length options.Training.BatchSize
+        trainExamples, validationExamples, testExamples, truncated
+
+    /// run.json of a classification run.
+    let private writeRunFile (runDirectory: string) (options: ClassificationOptions) =
+        Directory.CreateDirectory runDirectory |> ignore
+        let json = ClassificationOptions.toJson options
+        json["created_utc"] <- DateTime.UtcNow.ToString("o")
+        let text = json.ToJsonString(JsonSerializerOptions(WriteIndented = true)) + "\n"
+        Metrics.writeAtomically (Path.Combine(runDirectory, RunFile.fileName)) (fun temporary -> File.WriteAllText(temporary, text))
+
+    /// The options a classification run was trained with, from its folder or a checkpoint, resuming from `path`.
+    let fromCheckpoint (path: string) : ClassificationOptions =
+        let directory = Checkpoint.resolve path
+        let stored = TrainerOptions.ofJson (Checkpoint.read directory).TrainingOptions
+        let runDirectory = RunOptions.runDirectoryOf directory
+        let file = Path.Combine(runDirectory, RunFile.fileName)
+        if not (File.Exists file) then Errors.fail "'%s' has no %s: it is not the folder of a classification run" runDirectory RunFile.fileName
+        let json =
+            try JsonNode.Parse(File.ReadAllText file)
+            with :? JsonException as e -> raise (GptException(sprintf "'%s' is not valid JSON: %s" file e.Message, e))
+        match json["task"] with
+        | null -> Errors.fail "'%s' is a pretraining run, not a classification run: resume it with gpt train --resume" runDirectory
+        | task when task.GetValue<string>() <> "classification" ->
+            Errors.fail "'%s' is a %s run, not a classification run" runDirectory (task.GetValue<string>())
+        | _ -> ClassificationOptions.ofJson file json stored runDirectory path
+
+    /// Accuracy and loss over every batch of a split (None when it has no examples).
+    let private evaluateAll (classifier: GptClassifier) (batchSize: int) (padTokenId: int) (length: int option) (examples: ClassificationExample[]) =
+        if examples.Length = 0 then None, None
+        else
+            let batches = examples |> Array.chunkBySize batchSize |> Seq.map (ClassificationData.collate padTokenId length)
+            let loss, accuracy = Trainer.evaluateBatches classifier (objective classifier) batches
+            accuracy, Some loss
+
+    /// Fine-tunes a classifier as the options say, in a run folder like pretraining's (run.json, checkpoints of the
+    /// trained parameters, metrics.jsonl with accuracies) and writes the classifier to <run>/model; then measures the
+    /// test split. Reports a snapshot after every event. Cancelling stops after the current step with a checkpoint.
+    let fineTune (options: ClassificationOptions) (report: RunProgress -> unit) (cancellation: CancellationToken) : ClassificationResult =
+        ClassificationOptions.validate options
+        let tokenizer = Tokenizers.gpt2 ()
+        let (train, validation, test) as splits = texts options
+        let dataLabels = ClassificationData.labels options.Labels train
+        let resumed = options.Training.ResumeFrom |> Option.map (Run.resumedDirectory options.Training)
+        let runDirectory = resumed |> Option.map snd |> Option.defaultWith (fun () -> Run.freshDirectory options.Training)
+        use classifier = startingClassifier options dataLabels
+        let config = classifier.Config
+        let limit, fixedLength = lengths options config.Pooling config.Body.ContextLength tokenizer train
+        let trainExamples, validationExamples, testExamples, truncated = examples options config.Labels limit tokenizer splits
+        let trainerOptions =
+            TrainingSettings.resolve options.Training id limit limit (None, 0) runDirectory
+        let task =
+            { Model = classifier
+              Trainable = trainable options.Trainable classifier
+              Objective = objective classifier
+              Data = batches options config.PadTokenId fixedLength trainExamples validationExamples
+              Sample = None
+              Tokenizer = tokenizer.Name
+              ModelConfiguration = ClassifierFiles.configJson config }
+        TrainerOptions.validate trainerOptions
+        if resumed.IsNone then writeRunFile runDirectory options
+        let onEvent, modelSaved, latest = Run.reporter report options.Training.Epochs runDirectory
+        let trained = Trainer.fit trainerOptions task (resumed |> Option.map fst) onEvent cancellation
+        let modelDirectory =
+            if trained.Steps = 0 then None
+            else
+                let directory = Path.Combine(runDirectory, Run.modelFolder)
+                classifier.eval ()
+                ClassifierFiles.save directory classifier
+                modelSaved directory
+                Some directory
+        let testAccuracy, testLoss = evaluateAll classifier options.Training.BatchSize config.PadTokenId fixedLength testExamples
+        { Run = Run.resultOf trained (latest ()).Elapsed runDirectory modelDirectory; Labels = config.Labels
+          TestAccuracy = testAccuracy; TestLoss = testLoss; TrainExamples = trainExamples.Length
+          ValidationExamples = validationExamples.Length; TestExamples = testExamples.Length; TruncatedTexts = truncated }
+
+    /// Classifies texts, several at a time (each truncated to the context; batches padded after each text's end).
+    let classify (classifier: GptClassifier) (tokenizer: ITokenizer) (texts: string seq) : Prediction[] =
+        let texts = Array.ofSeq texts
+        let config = classifier.Config
+        let wasTraining = classifier.training
+        classifier.eval ()
+        try
+            use _ = torch.no_grad ()
+            [| for chunk in Array.chunkBySize 16 texts do
+                   use scope = torch.NewDisposeScope()
+                   let examples =
+                       chunk |> Array.mapi (fun i text ->
+                           let ids = tokenizer.Encode text
+                           if ids.Length = 0 then Errors.fail "text %d is empty: a text needs at least one token" i
+                           { Ids = Array.truncate config.Body.ContextLength ids; Label = 0; Truncated = false })
+                   let batch = ClassificationData.collate config.PadTokenId None examples
+                   let logits = Classifier.logits config Mode.Eval classifier.Params batch.Ids batch.Lengths
+                   let probabilities = logits.softmax(-1L)
+                   for row in 0 .. chunk.Length - 1 do
+                       let values = logits[int64 row].data<float32>().ToArray() |> Array.map float
+                       let p = probabilities[int64 row].data<float32>().ToArray() |> Array.map float
+                       let best = Array.findIndex ((=) (Array.max values)) values
+                       yield { Text = chunk[row]; LabelId = best; Label = config.Labels[best]; Probabilities = p; Logits = values } |]
+        finally
+            classifier.train wasTraining
