@@ -119,12 +119,18 @@ public static class Trainer
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(options);
-        var completion = new TaskCompletionSource<TrainingResult>(TaskCreationOptions.RunContinuationsAsynchronously);
+        return OnThreadOfItsOwn(() => Train(options, progress, cancellationToken));
+    }
+
+    /// <summary>Runs a training run on a dedicated thread (TorchSharp's dispose scopes are per thread).</summary>
+    internal static Task<T> OnThreadOfItsOwn<T>(Func<T> run)
+    {
+        var completion = new TaskCompletionSource<T>(TaskCreationOptions.RunContinuationsAsynchronously);
         var thread = new Thread(() =>
         {
             try
             {
-                completion.SetResult(Train(options, progress, cancellationToken));
+                completion.SetResult(run());
             }
             catch (Exception e)
             {
@@ -156,9 +162,15 @@ public static class Trainer
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(options);
+        return ToResult(Run.pretrain(options.ToFSharp(), Reporter(progress), cancellationToken));
+    }
+
+    /// <summary>The core's run reports as <see cref="TrainingProgress"/>, with the run's plots (loss.png, and
+    /// accuracy.png for classification) redrawn at every checkpoint.</summary>
+    internal static Microsoft.FSharp.Core.FSharpFunc<RunProgress, Microsoft.FSharp.Core.Unit> Reporter(IProgress<TrainingProgress>? progress)
+    {
         var next = Microsoft.FSharp.Core.FuncConvert.FromAction<RunProgress>(p => progress?.Report(ToProgress(p)));
-        var report = Microsoft.FSharp.Core.FuncConvert.FromAction<RunProgress>(p => Plots.follow(next, p)); // loss.png at checkpoints
-        return ToResult(Run.pretrain(options.ToFSharp(), report, cancellationToken));
+        return Microsoft.FSharp.Core.FuncConvert.FromAction<RunProgress>(p => Plots.follow(next, p));
     }
 
     internal static TrainingProgress ToProgress(RunProgress p) => new()

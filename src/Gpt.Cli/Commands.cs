@@ -14,6 +14,8 @@ internal static partial class Commands
         yield return ModelCommands.Logits(context);
         yield return ConvertCommand.Create(context);
         yield return TrainCommand.Create(context);
+        yield return FinetuneCommand.Create(context);
+        yield return ClassifyCommand.Create(context);
         yield return GenerateCommand.Create(context);
         yield return BenchCommand.Create(context);
     }

@@ -169,17 +169,21 @@ module ClassificationOptions =
 /// Classification fine-tuning and classification.
 [<RequireQualifiedAccess>]
 module Classification =
-    /// The texts of each split: the given files, one file split (seeded), or the built-in messages split.
-    let texts (options: ClassificationOptions) : LabelledText list * LabelledText list * LabelledText list =
+    /// The texts of each split: the given files, one file split (seeded), or the built-in messages split; and the
+    /// labels in order of first appearance in the file the training texts come from.
+    let texts (options: ClassificationOptions) : (LabelledText list * LabelledText list * LabelledText list) * string[] =
         let read path = ClassificationData.read path options.TextColumn options.LabelColumn
         let balance texts = if options.Balance then ClassificationData.balance options.Training.Seed texts else texts
-        let splitAll texts = ClassificationData.split options.Training.Seed (fst options.Split) (snd options.Split) (balance texts)
-        match options.Train, options.Data with
-        | Some train, _ ->
-            balance (read train), (options.Validation |> Option.map read |> Option.defaultValue []),
-            (options.Test |> Option.map read |> Option.defaultValue [])
-        | None, Some data -> splitAll (read data)
-        | None, None -> splitAll ClassificationData.builtIn.Value
+        let splitAll texts = ClassificationData.split options.Training.Seed (fst options.Split) (snd options.Split) (balance texts), texts
+        let splits, source =
+            match options.Train, options.Data with
+            | Some train, _ ->
+                let texts = read train
+                (balance texts, (options.Validation |> Option.map read |> Option.defaultValue []),
+                 (options.Test |> Option.map read |> Option.defaultValue [])), texts
+            | None, Some data -> splitAll (read data)
+            | None, None -> splitAll ClassificationData.builtIn.Value
+        splits, ClassificationData.labels options.Labels source
 
     /// Freezes every parameter outside the trainable set and returns those inside it, by name.
     let trainable (set: TrainableSet) (classifier: GptClassifier) : (string * Parameter)[] =
@@ -304,8 +308,7 @@ module Classification =
     let fineTune (options: ClassificationOptions) (report: RunProgress -> unit) (cancellation: CancellationToken) : ClassificationResult =
         ClassificationOptions.validate options
         let tokenizer = Tokenizers.gpt2 ()
-        let (train, validation, test) as splits = texts options
-        let dataLabels = ClassificationData.labels options.Labels train
+        let ((train, _, _) as splits), dataLabels = texts options
         let resumed = options.Training.ResumeFrom |> Option.map (Run.resumedDirectory options.Training)
         let runDirectory = resumed |> Option.map snd |> Option.defaultWith (fun () -> Run.freshDirectory options.Training)
         use classifier = startingClassifier options dataLabels

@@ -1,0 +1,69 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
+namespace Gpt.Cli;
+
+/// <summary><c>gpt classify</c>: label texts with a fine-tuned classifier.</summary>
+internal static class ClassifyCommand
+{
+    public static Command Create(CliContext context)
+    {
+        var modelPath = new Option<string>("--model") { Description = "A classifier folder (gpt finetune classify writes OUT/NAME/model).", Required = true };
+        var texts = new Option<string[]>("--text") { Description = "A text to classify; repeat for several. Without --text: JSON Lines {\"text\": ...} on standard input." };
+        var format = Commands.FormatOption();
+        var command = new Command("classify", "Label texts with a classifier. JSON output: one object per text {\"text\", \"label\", \"label_id\", \"probabilities\": {label: p}, \"logits\": [...]}.")
+        {
+            modelPath, texts, format,
+        };
+        command.SetAction(parse => CliApp.Guard(context, () =>
+        {
+            var given = parse.GetValue(texts) ?? [];
+            var inputs = given.Length > 0 ? given : ReadJsonLines(context);
+            if (inputs.Count == 0) throw new GptException("no text to classify: pass --text \"...\" or JSON Lines {\"text\": ...} on standard input");
+            using var classifier = TextClassifier.Load(parse.GetValue(modelPath)!);
+            var json = parse.GetValue(format) == "json";
+            foreach (var p in classifier.ClassifyBatch(inputs))
+            {
+                if (json)
+                {
+                    var probabilities = new JsonObject();
+                    foreach (var (label, probability) in p.Probabilities) probabilities[label] = probability;
+                    context.Output.WriteLine(new JsonObject
+                    {
+                        ["text"] = p.Text, ["label"] = p.Label, ["label_id"] = p.LabelId, ["probabilities"] = probabilities,
+                        ["logits"] = new JsonArray(p.Logits.Select(l => (JsonNode?)l).ToArray()),
+                    }.ToJsonString(Json.Options));
+                }
+                else
+                    context.Output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{p.Label} ({p.Probabilities[p.Label]:P1})\t{RunDisplay.OneLine(p.Text)}"));
+            }
+            return 0;
+        }));
+        return command;
+    }
+
+    /// <summary>JSON Lines {"text": ...} from standard input, with a clear error naming the line.</summary>
+    private static IReadOnlyList<string> ReadJsonLines(CliContext context)
+    {
+        if (!context.InputRedirected) return [];
+        var result = new List<string>();
+        var number = 0;
+        while (context.Input.ReadLine() is { } line)
+        {
+            number++;
+            if (string.IsNullOrWhiteSpace(line)) continue;
+            try
+            {
+                var node = JsonNode.Parse(line);
+                result.Add(node?["text"]?.GetValue<string>() ?? throw new GptException($"standard input line {number}: expected {{\"text\": ...}}"));
+            }
+            catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException)
+            {
+                throw new GptException($"standard input line {number}: expected a JSON object {{\"text\": ...}} ({e.Message})");
+            }
+        }
+        return result;
+    }
+}
