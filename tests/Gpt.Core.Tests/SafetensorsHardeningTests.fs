@@ -1,0 +1,196 @@
+/// Hostile and broken safetensors files: every one is a GptException with a clear, short message or a correct load;
+/// never another exception, a hang, or memory out of proportion to the file. A seeded fuzz suite corrupts real files
+/// in every way the issue lists (truncation, flipped bytes, header length off, bad JSON, wrong dtypes, shapes and
+/// offsets, huge entry counts, invalid UTF-8, FIFOs, symbolic link loops and dangling links).
+module Gpt.Tests.SafetensorsHardeningTests
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Text
+open System.Threading.Tasks
+open Expecto
+open TorchSharp
+open Gpt
+open Gpt.Weights
+open Gpt.Tests.TestUtil
+open Gpt.Tests.PretrainedTests
+
+/// The outcome of reading a file: tensors read (then disposed) or the error's message.
+type private Outcome =
+    | Loaded of entries: int * bytes: int64
+    | Refused of message: string
+
+/// Reads a file completely, on another thread so that a hang fails the test instead of stopping the suite (a guard,
+/// not a timing: the limit is far above any real read), with the managed bytes that thread allocated meanwhile.
+/// Anything but a GptException propagates: a failure.
+let private attemptMeasured (path: string) : Outcome * int64 =
+    let work =
+        Task.Run(fun () ->
+            let before = GC.GetAllocatedBytesForCurrentThread()
+            let outcome =
+                try
+                    let tensors, _ = Safetensors.readWithMetadata path
+                    let bytes = tensors |> List.sumBy (fun (_, t) -> t.numel () * int64 t.ElementSize)
+                    for _, t in tensors do t.Dispose()
+                    Loaded(tensors.Length, bytes)
+                with :? GptException as e -> Refused e.Message
+            outcome, GC.GetAllocatedBytesForCurrentThread() - before)
+    if not (work.Wait(TimeSpan.FromSeconds 60.0)) then failtestf "reading '%s' did not finish within 60 s" path
+    work.Result
+
+let private attempt (path: string) : Outcome = fst (attemptMeasured path)
+
+let private refused (fragments: string list) (path: string) (what: string) =
+    match attempt path with
+    | Loaded _ -> failtestf "%s: the file loaded, expected an error containing %A" what fragments
+    | Refused message ->
+        for fragment in fragments do
+            Expect.stringContains message fragment (sprintf "%s: message '%s'" what message)
+        Expect.isLessThan message.Length 600 (sprintf "%s: a short message" what)
+
+/// A small valid file of our own writer: several dtypes, an empty tensor, metadata.
+let private writeSample (path: string) =
+    use a = torch.arange(12.0f).view(3L, 4L)
+    use b = torch.tensor([| 1L; -2L; 3L |])
+    use c = torch.ones(2L, dtype = torch.float16)
+    use d = torch.zeros(0L, 5L)
+    use e = torch.tensor([| 7uy |])
+    Safetensors.writeWithMetadata path (Map.ofList [ "format", "pt"; "note", "ünïcode" ]) [ "a", a; "b", b; "c", c; "empty", d; "e", e ]
+
+/// A file from a header given as bytes and data bytes, the length field computed unless given.
+let private rawBytes (path: string) (header: byte[]) (data: byte[]) =
+    File.WriteAllBytes(path, Array.concat [ BitConverter.GetBytes(uint64 header.Length); header; data ])
+
+/// The header bytes and data of a file.
+let private split (bytes: byte[]) =
+    let length = int (BitConverter.ToUInt64(bytes, 0))
+    bytes[8 .. 8 + length - 1], bytes[8 + length ..]
+
+let private makeFifo (path: string) =
+    try
+        use mkfifo = Process.Start(ProcessStartInfo("mkfifo", path, UseShellExecute = false))
+        mkfifo.WaitForExit()
+        mkfifo.ExitCode = 0
+    with _ -> false
+
+[<Tests>]
+let tests =
+    testList "safetensors: hostile files" [
+        testCase "invalid UTF-8 in a name, a dtype or metadata is an error with its offset" <| fun () ->
+            use temp = new TempDir()
+            let path = temp.File "bad.safetensors"
+            let twelve = Array.zeroCreate<byte> 12
+            let withBytes (before: string) (bad: byte[]) (after: string) =
+                Array.concat [ Encoding.UTF8.GetBytes before; bad; Encoding.UTF8.GetBytes after ]
+            for header, what in
+                [ withBytes "{\"a" [| 0xFFuy |] "\": {\"dtype\": \"F32\", \"shape\": [3], \"data_offsets\": [0, 12]}}", "name"
+                  withBytes "{\"a\": {\"dtype\": \"F3" [| 0xC0uy; 0x80uy |] "\", \"shape\": [3], \"data_offsets\": [0, 12]}}", "overlong dtype"
+                  withBytes "{\"__metadata__\": {\"k\": \"" [| 0xE2uy; 0x82uy |] "\"}, \"a\": {\"dtype\": \"F32\", \"shape\": [3], \"data_offsets\": [0, 12]}}", "truncated sequence in metadata"
+                  withBytes "{\"a\": {\"dtype\": \"F32\", \"shape\": [3], \"data_offsets\": [0, 12]}, \"" [| 0xEDuy; 0xA0uy; 0x80uy |] "\": 1}", "encoded surrogate" ] do
+                rawBytes path header twelve
+                refused [ "bad.safetensors"; "the header is not valid UTF-8 (byte" ] path what
+            rawFile path """{"\ud800": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}""" twelve
+            refused [ "a tensor name in the header is not valid text" ] path "an escaped half surrogate"
+
+        testCase "the tensors must cover the data section exactly" <| fun () ->
+            use temp = new TempDir()
+            let path = temp.File "bad.safetensors"
+            let twelve = Array.zeroCreate<byte> 12
+            rawFile path """{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}""" twelve
+            refused [ "bytes [4, 8) of the data section belong to no tensor"; "after 'a', before 'b'" ] path "gap"
+            rawFile path """{"b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}""" twelve
+            refused [ "bytes [0, 4) of the data section belong to no tensor (a gap, before 'b')" ] path "gap at the start"
+            rawFile path """{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}""" twelve
+            refused [ "the data section has 12 bytes but the tensors cover 8" ] path "bytes after the last tensor"
+            rawFile path """{"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}, "z": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]}}""" twelve
+            refused [ "tensors 'a' [0, 12] and 'z' [4, 4] overlap" ] path "an empty tensor inside another"
+            // Out of order in the header, contiguous in the data, empty tensors at the seams: a correct file.
+            rawFile path """{"c": {"dtype": "U8", "shape": [4], "data_offsets": [8, 12]}, "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "f": {"dtype": "I64", "shape": [0, 3], "data_offsets": [12, 12]}}""" twelve
+            Expect.equal (attempt path) (Loaded(4, 12L)) "contiguous out of order"
+            rawFile path "{}" [||]
+            Expect.equal (attempt path) (Loaded(0, 0L)) "an empty file of no tensors"
+
+        testCase "a header length off by one to eight is an error, never tensors read a few bytes off" <| fun () ->
+            use temp = new TempDir()
+            let source = temp.File "good.safetensors"
+            writeSample source
+            let fixtureBytes = File.ReadAllBytes(fixture "tiny-gpt2/model.safetensors")
+            for bytes, what in [ File.ReadAllBytes source, "sample"; fixtureBytes, "tiny-gpt2" ] do
+                let length = BitConverter.ToUInt64(bytes, 0)
+                for delta in [ -8L .. -1L ] @ [ 1L .. 8L ] do
+                    let path = temp.File(sprintf "%s%+d.safetensors" what delta)
+                    let copy = Array.copy bytes
+                    BitConverter.GetBytes(uint64 (int64 length + delta)).CopyTo(copy, 0)
+                    File.WriteAllBytes(path, copy)
+                    refused [ Path.GetFileName path ] path (sprintf "%s, header length %+d" what delta)
+
+        testCase "a header of 1.6 million empty tensors (99 MB) is refused after the first 100,000, with a short message" <| fun () ->
+            use temp = new TempDir()
+            let path = temp.File "many.safetensors"
+            let builder = StringBuilder(100_000_000)
+            builder.Append('{') |> ignore
+            let mutable i = 0
+            while builder.Length < 99_000_000 do
+                if i > 0 then builder.Append(',') |> ignore
+                builder.Append("\"t").Append(i).Append("\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}") |> ignore
+                i <- i + 1
+            builder.Append('}') |> ignore
+            rawFile path (builder.ToString()) [||]
+            Expect.isGreaterThan i 1_500_000 "1.5 million entries or more"
+            let outcome, allocated = attemptMeasured path
+            match outcome with
+            | Refused message ->
+                Expect.stringContains message "the header has more than 100000 entries" "too many entries"
+                Expect.isLessThan message.Length 600 "a short message"
+            | Loaded _ -> failtest "loaded 1.6 million entries"
+            // The 99 MB header itself, then a bounded amount for at most 100,000 entries (well under 1 KB each): no
+            // document of the whole header, no list of 1.6 million.
+            Expect.isLessThan allocated 250_000_000L (sprintf "allocated %d bytes" allocated)
+
+        testCase "too many dimensions, an impossible shape, a duplicate field: errors" <| fun () ->
+            use temp = new TempDir()
+            let path = temp.File "bad.safetensors"
+            let ones = String.replicate 64 "1, " + "1"
+            rawFile path (sprintf """{"a": {"dtype": "U8", "shape": [%s], "data_offsets": [0, 1]}}""" ones) [| 0uy |]
+            refused [ "tensor 'a': \"shape\" has more than 64 dimensions" ] path "65 dimensions"
+            rawFile path """{"a": {"dtype": "F32", "shape": [0, 4611686018427387904, 4611686018427387904], "data_offsets": [0, 0]}}""" [||]
+            refused [ "tensor 'a' has an impossible shape" ] path "empty, but with huge dimensions"
+            rawFile path """{"a": {"dtype": "F32", "dtype": "F64", "shape": [1], "data_offsets": [0, 4]}}""" (Array.zeroCreate 4)
+            refused [ "tensor 'a': \"dtype\" appears twice in the header entry" ] path "a field twice"
+            rawFile path """{"__metadata__": {"k": "1", "k": "2"}}""" [||]
+            refused [ "metadata 'k' appears twice" ] path "a metadata key twice"
+            rawFile path """{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}}""" (Array.zeroCreate 4)
+            refused [ "\"data_offsets\" must be [begin, end]" ] path "three offsets"
+            let longName = String('n', 5000) + "\n\u001b[31m"
+            rawFile path (sprintf """{"%s": {"dtype": "X", "shape": [1], "data_offsets": [0, 4]}}""" (Text.Json.JsonEncodedText.Encode(longName).ToString())) (Array.zeroCreate 4)
+            match attempt path with
+            | Refused message ->
+                Expect.stringContains message "(5006 characters)" "a long name is cut"
+                Expect.isFalse (message.Contains '\u001b') "control characters are escaped"
+            | Loaded _ -> failtest "loaded a file with dtype X"
+
+        testCase "FIFOs, devices, folders and symbolic links: a clear error or the file it points to" <| fun () ->
+            use temp = new TempDir()
+            let good = temp.File "good.safetensors"
+            writeSample good
+            let expected = attempt good
+            let link name target =
+                let path = temp.File name
+                File.CreateSymbolicLink(path, target) |> ignore
+                path
+            Expect.equal (attempt (link "to-good.safetensors" good)) expected "a link to a good file reads that file"
+            Expect.equal (attempt (link "chain.safetensors" (temp.File "to-good.safetensors"))) expected "a chain of links"
+            link "loop-a.safetensors" (temp.File "loop-b.safetensors") |> ignore
+            link "loop-b.safetensors" (temp.File "loop-a.safetensors") |> ignore
+            refused [ "loop-a.safetensors' is a symbolic link that cannot be followed" ] (temp.File "loop-a.safetensors") "a loop"
+            refused [ "is a symbolic link to"; "which does not exist" ] (link "dangling.safetensors" (temp.File "nothing")) "dangling"
+            refused [ "is a folder" ] temp.Path "a folder"
+            refused [ "is a folder" ] (link "to-folder.safetensors" temp.Path) "a link to a folder"
+            if File.Exists "/dev/zero" then
+                refused [ "the file has 0 bytes" ] (link "zero.safetensors" "/dev/zero") "/dev/zero"
+            let fifo = temp.File "fifo.safetensors"
+            if makeFifo fifo then
+                refused [ "fifo.safetensors"; "the file has 0 bytes" ] fifo "a FIFO with no writer: refused, not waited on"
+
+    ]
