@@ -193,4 +193,29 @@ let tests =
             if makeFifo fifo then
                 refused [ "fifo.safetensors"; "the file has 0 bytes" ] fifo "a FIFO with no writer: refused, not waited on"
 
+        testCase "findNonFinite and requireFinite: NaN and infinities in float tensors, at most three names listed" <| fun () ->
+            use clean = torch.ones(4L)
+            use nan = torch.tensor([| 1.0f; Single.NaN; 2.0f |])
+            use inf = torch.tensor([| Double.PositiveInfinity; Double.NegativeInfinity |])
+            use half = torch.tensor([| 1.0f; Single.PositiveInfinity |]).``to``(torch.float16)
+            use integers = torch.tensor([| 1L; 2L |])
+            let tensors = [ "clean", clean; "nan", nan; "inf", inf; "half", half; "integers", integers ]
+            Expect.equal (Safetensors.findNonFinite tensors) [ "nan", 1L; "inf", 2L; "half", 1L ] "found"
+            Safetensors.requireFinite "ok.safetensors" [ "clean", clean; "integers", integers ]
+            throwsGpt [ "'x.safetensors': 3 tensors hold NaN or infinite values: 'nan' (1 of 3), 'inf' (2 of 2), 'half' (1 of 2)" ]
+                (fun () -> Safetensors.requireFinite "x.safetensors" tensors) "three"
+            use more = torch.tensor([| Single.NaN; Single.NaN |])
+            let many = [ for i in 1 .. 10 -> sprintf "t%d" i, more ]
+            throwsGpt [ "10 tensors hold"; "'t3' (2 of 2), and 7 more" ] (fun () -> Safetensors.requireFinite "x.safetensors" many) "ten"
+
+        testCase "NaN weights read from a file are found after loading" <| fun () ->
+            use temp = new TempDir()
+            let path = temp.File "nan.safetensors"
+            use weights = torch.tensor([| 0.5f; Single.NaN |])
+            Safetensors.write path [ "w", weights ]
+            let tensors, _ = Safetensors.readWithMetadata path
+            try
+                Expect.equal (Safetensors.findNonFinite tensors) [ "w", 1L ] "one NaN"
+            finally
+                for _, t in tensors do t.Dispose()
     ]

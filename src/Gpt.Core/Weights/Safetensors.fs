@@ -381,6 +381,35 @@ module Safetensors =
     /// Reads every tensor of a safetensors file by name (F16/BF16 converted to float32). The caller owns the tensors.
     let read (path: string) : Map<string, torch.Tensor> = readWithMetadata path |> fst |> Map.ofList
 
+    /// The floating-point tensors among these that hold NaN or an infinity, each with how many such values, in the
+    /// given order. Loading does not look (a checkpoint may hold them on purpose); a loader that wants finite weights
+    /// calls this or requireFinite.
+    let findNonFinite (tensors: (string * torch.Tensor) seq) : (string * int64) list =
+        use _ = torch.no_grad ()
+        [ for name, tensor in tensors do
+              if tensor.is_floating_point () then
+                  use finite = torch.isfinite tensor
+                  use count = finite.logical_not().sum()
+                  let nonFinite = count.item<int64> ()
+                  if nonFinite > 0L then yield name, nonFinite ]
+
+    /// Fails when a floating-point tensor holds NaN or an infinity, naming at most three of them and how many there are:
+    /// "'x.safetensors': 2 tensors hold NaN or infinite values: 'h.0.attn.c_attn.weight' (1 of 1,769,472), ...".
+    let requireFinite (source: string) (tensors: (string * torch.Tensor) seq) =
+        let tensors = List.ofSeq tensors
+        match findNonFinite tensors with
+        | [] -> ()
+        | found ->
+            let sizes = dict [ for name, tensor in tensors -> name, tensor.numel () ]
+            let listed =
+                found
+                |> List.truncate 3
+                |> List.map (fun (name, count) -> sprintf "'%s' (%d of %d)" (shown name) count sizes[name])
+                |> String.concat ", "
+            let more = if found.Length > 3 then sprintf ", and %d more" (found.Length - 3) else ""
+            Errors.fail "'%s': %d %s NaN or infinite values: %s%s" source found.Length
+                (if found.Length = 1 then "tensor holds" else "tensors hold") listed more
+
     /// Writes tensors in the given order with string metadata. The file is written under a temporary name in the
     /// same folder and renamed over `path` at the end, so a reader never sees half a file.
     let writeWithMetadata (path: string) (metadata: Map<string, string>) (tensors: (string * torch.Tensor) seq) =
