@@ -219,3 +219,129 @@ let tests =
             finally
                 for _, t in tensors do t.Dispose()
     ]
+
+// ---- the fuzz suite ----------------------------------------------------------------------------------------------
+
+/// One corruption of a valid file's bytes: its name and the corrupted bytes.
+let private corruptions (random: Random) (bytes: byte[]) : (string * byte[]) list =
+    let header, data = split bytes
+    let headerText = Encoding.UTF8.GetString header
+    let withHeader (text: string) = Array.concat [ BitConverter.GetBytes(uint64 (Encoding.UTF8.GetByteCount text)); Encoding.UTF8.GetBytes text; data ]
+    let withHeaderBytes (h: byte[]) = Array.concat [ BitConverter.GetBytes(uint64 h.Length); h; data ]
+    let replaceRandom (pattern: string) (replacement: unit -> string) =
+        let matches = RegularExpressions.Regex.Matches(headerText, pattern)
+        if matches.Count = 0 then headerText
+        else
+            let m = matches[random.Next matches.Count]
+            headerText.Substring(0, m.Index) + replacement () + headerText.Substring(m.Index + m.Length)
+    let pick (items: 'a[]) = items[random.Next items.Length]
+    [ // truncation anywhere
+      "truncate", bytes[.. random.Next bytes.Length - 1]
+      // flipped bytes: in the header, anywhere
+      "flip header bytes", (let copy = Array.copy bytes in (for _ in 1 .. random.Next(1, 6) do copy[8 + random.Next header.Length] <- byte (random.Next 256)); copy)
+      "flip any bytes", (let copy = Array.copy bytes in (for _ in 1 .. random.Next(1, 10) do copy[random.Next copy.Length] <- byte (random.Next 256)); copy)
+      // the header length: off by a little, or absurd
+      "header length", (let copy = Array.copy bytes
+                        let value =
+                            match random.Next 4 with
+                            | 0 -> uint64 (int64 header.Length + int64 (pick [| -16 .. -1 |] * (if random.Next 2 = 0 then 1 else -1)))
+                            | 1 -> 1UL <<< 63
+                            | 2 -> 1UL <<< 40
+                            | _ -> uint64 (random.NextInt64())
+                        BitConverter.GetBytes(value).CopyTo(copy, 0)
+                        copy)
+      // JSON broken by inserting or deleting characters
+      "bad JSON", (let position = random.Next(headerText.Length + 1)
+                   if random.Next 2 = 0 then withHeader (headerText.Insert(position, pick [| "{"; "}"; "\""; ","; ":"; "["; "]"; "\\"; "nul"; "1e999" |]))
+                   else withHeader (headerText.Remove(min position (headerText.Length - 1), 1)))
+      // wrong dtypes, shapes and offsets
+      "dtype", withHeader (replaceRandom "\"(F32|F16|BF16|I64|U8)\"" (fun () -> pick [| "\"F64\""; "\"I8\""; "\"BOOL\""; "\"F8_E4M3\""; "\"\""; "7"; "null"; "[\"F32\"]" |]))
+      "shape", withHeader (replaceRandom "\"shape\":\\[[0-9, ]*\\]" (fun () -> pick [| "\"shape\":[]"; "\"shape\":[1,1,1]"; "\"shape\":[-1]"; "\"shape\":[1.5]"; "\"shape\":[99999999999]"; "\"shape\":{}"; sprintf "\"shape\":[%d]" (random.Next 100) |]))
+      "offsets", withHeader (replaceRandom "\"data_offsets\":\\[[0-9]+,[0-9]+\\]" (fun () -> sprintf "\"data_offsets\":[%d,%d]" (random.Next 200) (random.Next 200)))
+      // a huge count of entries (kept below a second: 120,000 empty tensors)
+      "huge count", (let trimmed = headerText.TrimEnd()
+                     let builder = StringBuilder(trimmed, 0, trimmed.Length - 1, 8_000_000)
+                     for i in 1 .. 110_000 do
+                         builder.Append(",\"x").Append(i).Append("\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}") |> ignore
+                     withHeader (builder.Append('}').ToString()))
+      // invalid UTF-8 in a string
+      "invalid UTF-8", (let quote = [| for i in 0 .. header.Length - 1 do if header[i] = byte '"' then yield i |]
+                        let at = if quote.Length = 0 then 0 else pick quote + 1
+                        withHeaderBytes (Array.concat [ header[.. at - 1]; pick [| [| 0xFFuy |]; [| 0xC0uy; 0xAFuy |]; [| 0x80uy |]; [| 0xF4uy; 0x90uy; 0x80uy; 0x80uy |]; [| 0xE2uy |] |]; header[at ..] ]))
+      // a key twice
+      "duplicate", withHeader (replaceRandom "\"dtype\":\"[A-Z0-9]+\"" (fun () -> "\"dtype\":\"F32\",\"dtype\":\"F32\"")) ]
+
+[<Tests>]
+let fuzz =
+    testList "safetensors: fuzz" [
+        testCase "400 corrupted files: a GptException naming the file or a correct load, nothing else" <| fun () ->
+            use temp = new TempDir()
+            let sample = temp.File "sample.safetensors"
+            writeSample sample
+            let sources = [ "sample", File.ReadAllBytes sample; "tiny-gpt2", File.ReadAllBytes(fixture "tiny-gpt2/model.safetensors") ]
+            let random = Random 1600
+            let counts = Collections.Generic.Dictionary<string, int * int>()
+            let failures = ResizeArray<string>()
+            let mutable case = 0
+            while case < 400 do
+                for sourceName, bytes in sources do
+                    // The big fixture a quarter of the time: it is 6.5 MB.
+                    if sourceName = "sample" || random.Next 4 = 0 then
+                        for kind, corrupted in corruptions random bytes do
+                            if case < 400 then
+                                case <- case + 1
+                                let path = temp.File(sprintf "case-%03d.safetensors" case)
+                                File.WriteAllBytes(path, corrupted)
+                                let outcome, allocated =
+                                    try
+                                        let outcome, allocated = attemptMeasured path
+                                        Ok outcome, allocated
+                                    with e -> Error e, 0L
+                                // Managed memory in proportion to the file (its header is read whole) plus at most
+                                // 100,000 entries, whatever the file says.
+                                if allocated > 2L * int64 corrupted.Length + 100_000_000L then
+                                    failures.Add(sprintf "case %d (%s, %s): %d bytes allocated for a %d-byte file" case sourceName kind allocated corrupted.Length)
+                                let loaded, refusedCount = match counts.TryGetValue kind with | true, c -> c | _ -> (0, 0)
+                                match outcome with
+                                | Ok(Loaded(_, tensorBytes)) ->
+                                    counts[kind] <- (loaded + 1, refusedCount)
+                                    // A correct load reads no more than the file holds.
+                                    if tensorBytes > int64 corrupted.Length * 2L then
+                                        failures.Add(sprintf "case %d (%s, %s): loaded %d bytes of tensors from a %d-byte file" case sourceName kind tensorBytes corrupted.Length)
+                                | Ok(Refused message) ->
+                                    counts[kind] <- (loaded, refusedCount + 1)
+                                    if not (message.Contains(path)) || message.Length > 600 then
+                                        failures.Add(sprintf "case %d (%s, %s): unclear message '%s'" case sourceName kind (message.Substring(0, min 300 message.Length)))
+                                | Error e ->
+                                    let e = match e with :? AggregateException as a -> a.InnerException | e -> e
+                                    failures.Add(sprintf "case %d (%s, %s): %s: %s" case sourceName kind (e.GetType().Name) e.Message)
+                                File.Delete path
+            // FIFOs, links in loops and dangling links among them.
+            for i in 1 .. 5 do
+                let fifo = temp.File(sprintf "fifo-%d.safetensors" i)
+                if makeFifo fifo then
+                    match attempt fifo with
+                    | Refused message when message.Contains fifo -> ()
+                    | other -> failures.Add(sprintf "FIFO %d: %A" i other)
+                let a, b = temp.File(sprintf "loop-%d-a.safetensors" i), temp.File(sprintf "loop-%d-b.safetensors" i)
+                File.CreateSymbolicLink(a, b) |> ignore
+                File.CreateSymbolicLink(b, a) |> ignore
+                match attempt a with
+                | Refused message when message.Contains "symbolic link" -> ()
+                | other -> failures.Add(sprintf "loop %d: %A" i other)
+                let dangling = temp.File(sprintf "dangling-%d.safetensors" i)
+                File.CreateSymbolicLink(dangling, temp.File(sprintf "missing-%d" i)) |> ignore
+                match attempt dangling with
+                | Refused message when message.Contains "does not exist" -> ()
+                | other -> failures.Add(sprintf "dangling %d: %A" i other)
+            Expect.equal case 400 "400 corrupted files"
+            Expect.isTrue (failures.Count = 0) (sprintf "%d failures:\n%s" failures.Count (String.Join("\n", failures |> Seq.truncate 20)))
+            // Every class was tried and refused at least once (a flipped data byte or another known dtype of the same
+            // size can still make a valid file); these can never make one.
+            for kind in [ "truncate"; "flip header bytes"; "header length"; "bad JSON"; "dtype"; "shape"; "offsets"; "huge count"; "invalid UTF-8"; "duplicate" ] do
+                let _, refusedCount = counts[kind]
+                Expect.isGreaterThan refusedCount 0 (sprintf "%s: some refused" kind)
+            for kind in [ "truncate"; "header length"; "huge count"; "invalid UTF-8"; "duplicate" ] do
+                let loaded, _ = counts[kind]
+                Expect.equal loaded 0 (sprintf "%s: never loaded" kind)
+    ]
