@@ -27,6 +27,7 @@ internal static class BenchCommand
         ("train-A", "train", ["--preset", "A"], ["--preset", "A", "--warmup", "0", "--steps", "1"]),
         ("train-B", "train", ["--preset", "B"], ["--preset", "B", "--warmup", "0", "--steps", "1"]),
         ("leak", "leak", [], ["--steps", "20", "--warmup", "5"]),
+        ("finetune-classify", "finetune-classify", [], ["--batch-size", "1", "--length", "8", "--warmup", "0", "--steps", "1"]),
     ];
 
     public static Command Create(CliContext context)
@@ -42,6 +43,7 @@ internal static class BenchCommand
         command.Add(GenerateCommand.Bench(context));
         command.Add(Train(context));
         command.Add(Leak(context));
+        command.Add(FineTuneClassify(context));
         foreach (var part in Parts) command.Add(part(context));
         command.Add(All(context, command));
         return command;
@@ -142,6 +144,35 @@ internal static class BenchCommand
                 };
             });
         command.Add(preset);
+        command.Add(warmup);
+        command.Add(steps);
+        return command;
+    }
+
+    private static Command FineTuneClassify(CliContext context)
+    {
+        var trainable = new Option<string>("--trainable") { Description = "What trains: last-block (the book), last-N, head or all.", DefaultValueFactory = _ => "last-block" };
+        var batchSize = new Option<int>("--batch-size") { Description = "Texts per batch.", DefaultValueFactory = _ => 8 };
+        var length = new Option<int>("--length") { Description = "Tokens per text.", DefaultValueFactory = _ => 128 };
+        var warmup = new Option<int>("--warmup") { Description = "Untimed steps first.", DefaultValueFactory = _ => 2 };
+        var steps = new Option<int>("--steps") { Description = "Timed steps (the median is reported).", DefaultValueFactory = _ => 5 };
+        var command = Part(context, "finetune-classify",
+            "Classification fine-tuning speed (book chapter 6): a gpt2-small classifier, batches of 8 x 128 tokens, the last block trained: tokens/s, peak RSS.",
+            parse =>
+            {
+                var r = FineTuneBench.classify(parse.GetValue(trainable)!, parse.GetValue(batchSize), parse.GetValue(length), parse.GetValue(warmup), parse.GetValue(steps), 123);
+                return new JsonObject
+                {
+                    ["tokens_per_s"] = Math.Round(r.TokensPerSecond, 1), ["peak_rss_mb"] = Math.Round(r.PeakRssMb), ["step_s"] = Math.Round(r.StepSeconds, 4),
+                    ["trainable"] = r.Trainable, ["parameters"] = r.Parameters, ["trainable_parameters"] = r.TrainableParameters,
+                    ["batch_size"] = r.BatchSize, ["sequence_length"] = r.SequenceLength,
+                    ["step_times_s"] = new JsonArray(r.StepTimes.Select(t => (JsonNode)Math.Round(t, 4)).ToArray()),
+                    ["warmup_steps"] = r.WarmupSteps, ["timed_steps"] = r.TimedSteps,
+                };
+            });
+        command.Add(trainable);
+        command.Add(batchSize);
+        command.Add(length);
         command.Add(warmup);
         command.Add(steps);
         return command;

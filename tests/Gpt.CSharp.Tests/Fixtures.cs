@@ -17,6 +17,7 @@ internal static class Fixtures
 
     public static string TinyGpt2 => Path.Combine(Root, "tests", "fixtures", "tiny-gpt2");
     public static string TinyGpt2F16 => Path.Combine(Root, "tests", "fixtures", "tiny-gpt2-f16-prefixed");
+    public static string Classifier => Path.Combine(Root, "tests", "fixtures", "classifier", "initial");
 
     public static Reference Load(string directory)
     {

@@ -48,4 +48,15 @@ public class ScriptTests
         Assert.Contains("40 steps, 5120 tokens seen; wrote checkpoints, loss.png, metrics.jsonl, model, run.json", output);
         Assert.Contains("reloaded model gives the same logits: true; the checkpoint too: true", output);
     }
+
+    [Fact]
+    public void Chapter6Script()
+    {
+        var (code, output) = RunScript("ch06-classification.fsx");
+        Assert.True(code == 0, output);
+        Assert.Contains("240 messages", output);
+        Assert.Contains("split: 168 training, 24 validation, 48 test", output);
+        Assert.Contains("wrote accuracy.png, checkpoints, loss.png, metrics.jsonl, model, run.json", output);
+        Assert.Contains("fine-tuned: You have won a free cruise", output);
+    }
 }

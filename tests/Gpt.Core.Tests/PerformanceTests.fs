@@ -65,6 +65,28 @@ let private gradients (model: GptModel) =
 [<Tests>]
 let headLossTests =
     testList "fused head loss" [
+        testCase "targets of -100 count for nothing, as PyTorch's ignore_index: value and gradients" <| fun () ->
+            use plain = new GptModel(tinyConfig, 9L)
+            use fused = new GptModel(tinyConfig, 9L)
+            use ids = randomIds 3 tinyConfig.VocabSize 2 8
+            use drawn = randomIds 4 tinyConfig.VocabSize 2 8
+            // The instruction-tuning pattern: padding and prompt targets masked.
+            use targets = drawn.clone()
+            (use prompt = targets[0L].narrow(0L, 0L, 5L) in prompt.fill_((-100L).ToScalar()) |> ignore)
+            (use padding = targets[1L].narrow(0L, 7L, 1L) in padding.fill_((-100L).ToScalar()) |> ignore)
+            use logits = plain.forward ids
+            use expected = Loss.crossEntropy logits targets
+            expected.backward ()
+            use loss = fused.Loss(ids, targets)
+            loss.backward ()
+            expectClose 1e-5 loss expected "loss over the kept targets"
+            let actual = gradients fused |> Map.ofList
+            for name, grad in gradients plain do
+                expectClose 1e-5 actual[name] grad (sprintf "gradient of %s" name)
+            use allIgnored = torch.full([| 2L; 8L |], (-100L).ToScalar(), dtype = torch.int64)
+            use nothing = (use _ = torch.no_grad () in fused.Loss(ids, allIgnored))
+            Expect.isTrue (System.Double.IsNaN(nothing.item<float32> () |> float)) "every target ignored: NaN, as PyTorch"
+
         testCase "GptModel.Loss equals cross-entropy of the logits, value and gradients (tied and separate head)" <| fun () ->
             for config in [ tinyConfig; { tinyConfig with TiedHead = false } ] do
                 use plain = new GptModel(config, 7L)

@@ -30,14 +30,25 @@ module HeadLoss =
         let chunks = (rows + most - 1L) / most
         (rows + chunks - 1L) / chunks
 
+    /// The target that counts for nothing (PyTorch's cross_entropy ignore_index): padding and masked prompt tokens in
+    /// instruction fine-tuning.
+    let ignoreIndex = -100L
+
     /// Mean cross-entropy of (hidden · weightᵀ) against targets, and, when asked, its gradients with respect to
-    /// hidden and weight. hidden (N, C), weight (V, C), targets (N) int64. Runs without autograd.
+    /// hidden and weight. hidden (N, C), weight (V, C), targets (N) int64; rows whose target is ignoreIndex count for
+    /// nothing (the mean is over the others; NaN when every row is ignored, as PyTorch's). Runs without autograd.
     let compute (hidden: torch.Tensor) (weight: torch.Tensor) (targets: torch.Tensor) (gradients: bool) =
         use _ = torch.no_grad ()
         let rows = hidden.shape[0]
         let vocab = weight.shape[0]
         let chunk = chunkRows rows vocab
-        let scale = float32 (1.0 / float rows)
+        use kept = targets.ne(ignoreIndex.ToScalar()) // (N)
+        let counted = (use n = kept.sum() in n.item<int64> ())
+        let ignoring = counted < rows
+        // Ignored rows gather a valid id (0) and are then multiplied out of the loss and the gradients.
+        use safeTargets = if ignoring then targets.masked_fill(kept.logical_not(), (0L).ToScalar()) else targets.alias ()
+        use keptValues: torch.Tensor = if ignoring then kept.to_type(hidden.dtype).unsqueeze(0L) else null // (1, N)
+        let scale = float32 (1.0 / float (max counted 1L))
         let gradHidden = if gradients then torch.empty_like hidden else null
         // A fresh vocab × C buffer every training step: huge pages make its first touch cheap.
         let gradWeight = if gradients then NativeAllocator.emptyLike weight else null
@@ -49,7 +60,8 @@ module HeadLoss =
             use scope = torch.NewDisposeScope()
             let count = min chunk (rows - start)
             let h = hidden.narrow(0L, start, count) // (R, C)
-            let t = targets.narrow(0L, start, count).unsqueeze(0L) // (1, R)
+            let t = safeTargets.narrow(0L, start, count).unsqueeze(0L) // (1, R)
+            let keep: torch.Tensor = if ignoring then keptValues.narrow(1L, start, count) else null // (1, R)
             let logits = buffer.narrow(1L, 0L, count).addmm_(weight, h.t(), beta = 0.0f, alpha = 1.0f) // (V, R)
             // The softmax in place, without logsumexp (which makes a temporary the size of the chunk): shift by the
             // column maximum, pick the targets' shifted logits, exponentiate, sum; loss = log(sum) - shifted target.
@@ -57,17 +69,19 @@ module HeadLoss =
             let picked = shifted.gather(0L, t) // (1, R)
             let exponentials = shifted.exp_ () // (V, R), in place
             let sums = exponentials.sum(0L, keepdim = true) // (1, R)
-            lossSum <- lossSum + float (sums.log().sub_(picked).sum().item<float32> ())
+            let losses = sums.log().sub_(picked) // (1, R)
+            lossSum <- lossSum + float ((if ignoring then losses.mul_(keep) else losses).sum().item<float32> ())
             if gradients then
-                // d loss / d logits = (softmax - one_hot(target)) / N
+                // d loss / d logits = (softmax - one_hot(target)) / N, and 0 for ignored rows
                 let probabilities = exponentials.div_(sums) // (V, R), in place
                 let minusOne = torch.ones([| 1L; count |], dtype = probabilities.dtype).neg_ ()
                 probabilities.scatter_add_(0L, t, minusOne) |> ignore
+                if ignoring then probabilities.mul_(keep) |> ignore
                 gradHidden.narrow(0L, start, count).addmm_(probabilities.t(), weight, beta = 0.0f, alpha = scale) |> ignore
                 // The first chunk overwrites the uninitialised buffer (beta 0 ignores it), later chunks add.
                 gradWeight.addmm_(probabilities, h, beta = (if start = 0L then 0.0f else 1.0f), alpha = scale) |> ignore
             start <- start + count
-        lossSum / float rows, gradHidden, gradWeight
+        (if counted = 0L then nan else lossSum / float counted), gradHidden, gradWeight
 
     /// The loss as a 0-dimensional tensor of the hidden states' type.
     let private scalar (dtype: torch.ScalarType) (value: float) =

@@ -23,8 +23,13 @@ module HeadLoss =
     /// Rows per chunk for a vocabulary: as many as fit chunkBytes of float32 logits, spread evenly over the chunks.
     val chunkRows: rows: int64 -> vocabSize: int64 -> int64
 
+    /// The target that counts for nothing (PyTorch's cross_entropy ignore_index): padding and masked prompt tokens in
+    /// instruction fine-tuning.
+    val ignoreIndex: int64
+
     /// Mean cross-entropy of (hidden · weightᵀ) against targets, and, when asked, its gradients with respect to
-    /// hidden and weight. hidden (N, C), weight (V, C), targets (N) int64. Runs without autograd.
+    /// hidden and weight. hidden (N, C), weight (V, C), targets (N) int64; rows whose target is ignoreIndex count for
+    /// nothing (the mean is over the others; NaN when every row is ignored, as PyTorch's). Runs without autograd.
     val compute:
       hidden: TorchSharp.torch.Tensor ->
         weight: TorchSharp.torch.Tensor ->
