@@ -16,6 +16,8 @@ internal static partial class Commands
         yield return TrainCommand.Create(context);
         yield return FinetuneCommand.Create(context);
         yield return ClassifyCommand.Create(context);
+        yield return RespondCommand.Respond(context);
+        yield return RespondCommand.Judge(context);
         yield return GenerateCommand.Create(context);
         yield return BenchCommand.Create(context);
     }

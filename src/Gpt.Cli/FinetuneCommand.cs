@@ -13,6 +13,7 @@ internal static class FinetuneCommand
     {
         var command = new Command("finetune", "Fine-tune a pretrained model: classify (book chapter 6) or instruct (chapter 7).");
         command.Add(Classify(context));
+        command.Add(Instruct(context));
         return command;
     }
 
@@ -87,6 +88,76 @@ internal static class FinetuneCommand
                 if (r.TestAccuracy is { } accuracy)
                     lines.Add(string.Create(Invariant, $"test accuracy {accuracy:P1} (loss {r.TestLoss:0.000}) on {r.TestExamples} texts"));
                 return new RunOutcome(r.Training, json, lines, dir => $"gpt classify --model {dir} --text \"Congratulations! You have won a prize\"");
+            });
+        }));
+        return command;
+    }
+
+    private static Command Instruct(CliContext context)
+    {
+        var defaults = new InstructionTrainingOptions("model");
+        var run = new RunSettingsOptions(defaults, "Entries", "--lr (a constant rate)");
+        var model = new Option<string?>("--model") { Description = "The language model to fine-tune: a folder such as runs/NAME/model, a .pth file, a Hugging Face id. Required unless --resume." };
+        var train = new Option<string?>("--train") { Description = "Training entries: a JSON list (the book's instruction-data.json) or JSON Lines of {\"instruction\", \"input\", \"output\"}. Default: the built-in instructions, split as --split says." };
+        var validation = new Option<string?>("--val") { Description = "Validation entries (with --train)." };
+        var test = new Option<string?>("--test") { Description = "Test entries (with --train): answered after training into test-responses.json." };
+        var data = new Option<string?>("--data") { Description = "One file split into training, validation and test entries (seeded shuffle)." };
+        var split = new Option<string>("--split") { Description = "Training and validation shares of --data (the rest is the test split).", DefaultValueFactory = _ => "0.85,0.1" };
+        var style = new Option<string>("--prompt-style") { Description = "alpaca (the book's) or phi3 (the book's exercise 7.1).", DefaultValueFactory = _ => "alpaca" };
+        style.AcceptOnlyFromAmong("alpaca", "phi3");
+        var mask = new Option<bool>("--mask-instruction") { Description = "Learn only the response: the prompt's targets are ignored too (the book's exercise 7.2)." };
+        var maxLength = new Option<int?>("--max-length") { Description = "Cut collated batches to N tokens. Default: the model's context." };
+        var dropRate = new Option<double>("--drop-rate") { Description = "Dropout during fine-tuning.", DefaultValueFactory = _ => defaults.DropRate };
+        var noShuffle = new Option<bool>("--no-shuffle") { Description = "Train in file order instead of a seeded shuffle per epoch." };
+        var responseTokens = new Option<int>("--response-tokens") { Description = "The most tokens of each test response generated after training.", DefaultValueFactory = _ => defaults.ResponseTokens };
+        var command = new Command("instruct",
+            "Fine-tune a GPT to follow instructions (book chapter 7): every parameter trained on prompt + response with the book's " +
+            "collation. Writes OUT/NAME/: checkpoints/, metrics.jsonl, loss.png, the model (model/, the language-model layout) and " +
+            "test-responses.json (the test entries with model_response), scored by exact match and token F1.")
+        {
+            model, train, validation, test, data, split, style, mask, maxLength, dropRate, noShuffle, responseTokens,
+        };
+        run.AddTo(command);
+        command.SetAction(parse => CliApp.Guard(context, () =>
+        {
+            bool Given(Option option) => parse.GetResult(option) is { Implicit: false };
+            var resumePath = parse.GetValue(run.Resume);
+            var options = resumePath is not null ? InstructionTrainingOptions.FromCheckpoint(resumePath)
+                : new InstructionTrainingOptions(parse.GetValue(model) ?? throw new GptException("--model is required: the language model instruction fine-tuning starts from (or --resume a run)"));
+            var shares = ParseSplit(parse.GetValue(split)!);
+            options = run.Apply(parse, options) with
+            {
+                Model = Given(model) ? parse.GetValue(model)! : options.Model,
+                Train = Given(train) ? parse.GetValue(train) : options.Train,
+                Validation = Given(validation) ? parse.GetValue(validation) : options.Validation,
+                Test = Given(test) ? parse.GetValue(test) : options.Test,
+                Data = Given(data) ? parse.GetValue(data) : options.Data,
+                TrainFraction = Given(split) ? shares.Train : options.TrainFraction,
+                ValidationFraction = Given(split) ? shares.Validation : options.ValidationFraction,
+                PromptStyle = Given(style) ? (parse.GetValue(style) == "phi3" ? PromptStyle.Phi3 : PromptStyle.Alpaca) : options.PromptStyle,
+                MaskInstruction = Given(mask) ? parse.GetValue(mask) : options.MaskInstruction,
+                MaxLength = Given(maxLength) ? parse.GetValue(maxLength) : options.MaxLength,
+                DropRate = Given(dropRate) ? parse.GetValue(dropRate) : options.DropRate,
+                Shuffle = Given(noShuffle) ? !parse.GetValue(noShuffle) : options.Shuffle,
+                ResponseTokens = Given(responseTokens) ? parse.GetValue(responseTokens) : options.ResponseTokens,
+            };
+            options.Validate();
+            var styleName = options.PromptStyle == PromptStyle.Phi3 ? " --prompt-style phi3" : "";
+            return RunDisplay.Run(context, run.Json(parse), options.EvalInterval, "gpt finetune instruct", (progress, token) =>
+            {
+                var r = InstructionModel.FineTune(options, progress, token);
+                var json = new JsonObject
+                {
+                    ["responses"] = r.ResponsesFile, ["exact_match"] = r.ExactMatch, ["token_f1"] = r.TokenF1,
+                    ["train_examples"] = r.TrainExamples, ["val_examples"] = r.ValidationExamples, ["test_examples"] = r.TestExamples,
+                };
+                var lines = new List<string>
+                {
+                    $"entries: {r.TrainExamples} training, {r.ValidationExamples} validation, {r.TestExamples} test",
+                };
+                if (r.ResponsesFile is { } file)
+                    lines.Add(string.Create(Invariant, $"test responses: {file} (exact match {r.ExactMatch:P1}, token F1 {r.TokenF1:0.000})"));
+                return new RunOutcome(r.Training, json, lines, dir => $"gpt respond --model {dir}{styleName} --instruction \"Give the plural of the noun.\" --input \"boat\"");
             });
         }));
         return command;

@@ -13,34 +13,23 @@ internal static class GenerateCommand
         var modelPath = ModelCommands.ModelOption();
         var prompts = new Option<string[]>("--prompt") { Description = "Text prompt; repeat for several prompts (each stops on its own)." };
         var ids = new Option<string[]>("--ids") { Description = "Prompt as comma-separated token ids (1,2,3); repeatable. Instead of --prompt." };
-        var maxNew = new Option<int>("--max-new-tokens") { Description = "Tokens to generate at most.", DefaultValueFactory = _ => 50 };
-        var temperature = new Option<double>("--temperature") { Description = "Sampling temperature; 0 = greedy.", DefaultValueFactory = _ => 0.0 };
-        var topK = new Option<int?>("--top-k") { Description = "Sample only from the k most likely tokens." };
-        var topP = new Option<double?>("--top-p") { Description = "Nucleus sampling: only from the smallest set of tokens whose probability reaches p." };
-        var seed = new Option<long?>("--seed") { Description = "Seed for sampling: same seed, same text." };
-        var eos = new Option<int>("--eos") { Description = "Stop at this token id.", DefaultValueFactory = _ => 50256 };
-        var noEos = new Option<bool>("--no-eos") { Description = "Never stop before --max-new-tokens." };
+        var generation = new GenerationOptions(50);
         var stream = new Option<bool>("--stream") { Description = "Stream text as it is generated (the default for text output)." };
         var noStream = new Option<bool>("--no-stream") { Description = "Print the text only when generation is done." };
-        var noCache = new Option<bool>("--no-kv-cache") { Description = "Recompute every position at every step (slower; same result)." };
         var format = Commands.FormatOption();
         var command = new Command("generate", "Generate text from a model (greedy by default; temperature, top-k, top-p sampling). " +
                                               "JSON output: one object per prompt {\"ids\": [prompt ids then new ids], \"text\": ...}.")
         {
-            modelPath, prompts, ids, maxNew, temperature, topK, topP, seed, eos, noEos, stream, noStream, noCache, format,
+            modelPath, prompts, ids, stream, noStream, format,
         };
+        generation.AddTo(command);
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
             var textPrompts = parse.GetValue(prompts) ?? [];
             var idPrompts = parse.GetValue(ids) ?? [];
             if (textPrompts.Length > 0 && idPrompts.Length > 0) throw new GptException("give prompts either as --prompt text or as --ids, not both");
             if (textPrompts.Length == 0 && idPrompts.Length == 0) throw new GptException("no prompt: pass --prompt \"text\" or --ids 1,2,3");
-            var settings = new GenerationSettings
-            {
-                MaxNewTokens = parse.GetValue(maxNew), Temperature = parse.GetValue(temperature), TopK = parse.GetValue(topK),
-                TopP = parse.GetValue(topP), Seed = parse.GetValue(seed), UseKvCache = !parse.GetValue(noCache),
-                EndOfTextId = parse.GetValue(noEos) ? null : parse.GetValue(eos),
-            };
+            var settings = generation.Read(parse);
             var tokenizer = Tokenizer.Gpt2;
             var promptIds = textPrompts.Length > 0
                 ? textPrompts.Select(p => (IReadOnlyList<int>)tokenizer.Encode(p)).ToList()

@@ -141,3 +141,40 @@ module Judge =
               let judged = { Entry = entry; Response = response; Score = value; Reply = reply }
               onScored judged
               yield judged ]
+
+/// A response with every score: exact match and token F1 against the expected output, and the judge's when asked.
+type ScoredResponse =
+    { Entry: InstructionEntry
+      Response: string
+      ExactMatch: float
+      TokenF1: float
+      Score: int option }
+
+/// The scores of a set of responses.
+type ResponseSummary =
+    { Entries: int
+      ExactMatch: float
+      TokenF1: float
+      /// The judge's mean score over the responses it scored (None without a judge or when it scored none).
+      AverageScore: float option
+      Scored: int }
+
+[<RequireQualifiedAccess>]
+module ResponseScores =
+    /// Scores responses: exact match and token F1 always, the judge's 0-100 when settings are given; each scored
+    /// response is passed to `onScored` as it is done.
+    let evaluate (judge: JudgeSettings option) (responses: (InstructionEntry * string) list) (onScored: ScoredResponse -> unit)
+                 (cancellation: CancellationToken) : ResponseSummary =
+        let withoutJudge (entry: InstructionEntry, response: string) score =
+            { Entry = entry; Response = response; ExactMatch = InstructionData.exactMatch entry.Output response
+              TokenF1 = InstructionData.tokenF1 entry.Output response; Score = score }
+        let scored =
+            match judge with
+            | None -> responses |> List.map (fun r -> let s = withoutJudge r None in onScored s; s)
+            | Some settings ->
+                Judge.score settings responses ignore cancellation
+                |> List.map (fun j -> let s = withoutJudge (j.Entry, j.Response) j.Score in onScored s; s)
+        let judged = scored |> List.choose _.Score
+        let mean (pick: ScoredResponse -> float) = if scored.IsEmpty then nan else scored |> List.averageBy pick
+        { Entries = scored.Length; ExactMatch = mean _.ExactMatch; TokenF1 = mean _.TokenF1
+          AverageScore = (if judged.IsEmpty then None else Some(judged |> List.averageBy float)); Scored = judged.Length }

@@ -1,0 +1,40 @@
+using System.CommandLine;
+
+namespace Gpt.Cli;
+
+/// <summary>The options of every command that generates (<c>gpt generate</c>, <c>gpt respond</c>).</summary>
+internal sealed class GenerationOptions
+{
+    public GenerationOptions(int maxNewTokens)
+    {
+        MaxNewTokens = new("--max-new-tokens") { Description = "Tokens to generate at most.", DefaultValueFactory = _ => maxNewTokens };
+        Temperature = new("--temperature") { Description = "Sampling temperature; 0 = greedy.", DefaultValueFactory = _ => 0.0 };
+        TopK = new("--top-k") { Description = "Sample only from the k most likely tokens." };
+        TopP = new("--top-p") { Description = "Nucleus sampling: only from the smallest set of tokens whose probability reaches p." };
+        Seed = new("--seed") { Description = "Seed for sampling: same seed, same text." };
+        Eos = new("--eos") { Description = "Stop at this token id.", DefaultValueFactory = _ => 50256 };
+        NoEos = new("--no-eos") { Description = "Never stop before --max-new-tokens." };
+        NoCache = new("--no-kv-cache") { Description = "Recompute every position at every step (slower; same result)." };
+    }
+
+    public Option<int> MaxNewTokens { get; }
+    public Option<double> Temperature { get; }
+    public Option<int?> TopK { get; }
+    public Option<double?> TopP { get; }
+    public Option<long?> Seed { get; }
+    public Option<int> Eos { get; }
+    public Option<bool> NoEos { get; }
+    public Option<bool> NoCache { get; }
+
+    public void AddTo(Command command)
+    {
+        foreach (var option in new Option[] { MaxNewTokens, Temperature, TopK, TopP, Seed, Eos, NoEos, NoCache }) command.Add(option);
+    }
+
+    public GenerationSettings Read(ParseResult parse) => new()
+    {
+        MaxNewTokens = parse.GetValue(MaxNewTokens), Temperature = parse.GetValue(Temperature), TopK = parse.GetValue(TopK),
+        TopP = parse.GetValue(TopP), Seed = parse.GetValue(Seed), UseKvCache = !parse.GetValue(NoCache),
+        EndOfTextId = parse.GetValue(NoEos) ? null : parse.GetValue(Eos),
+    };
+}
