@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
-using System.Text;
 using Xunit;
 
 namespace Gpt.CSharp.Tests;
@@ -40,10 +39,7 @@ public class NativeFixTests
         return (process.ExitCode, stdout + stderr.Result);
     }
 
-    private static bool HostHasVersion() =>
-        new[] { "/usr/lib/x86_64-linux-gnu/libstdc++.so.6", "/lib/x86_64-linux-gnu/libstdc++.so.6", "/usr/lib64/libstdc++.so.6" }
-            .Where(File.Exists)
-            .Any(path => Encoding.ASCII.GetString(File.ReadAllBytes(path)).Contains(Version + "\0"));
+    private static bool HostHasVersion() => Fixtures.HostLibstdcxxHas(Version);
 
     private static string[] InitArgs(string app, string output) =>
         [Path.Combine(app, "gpt.dll"), "init", "--layers", "1", "--emb-dim", "64", "--heads", "2", "--context-length", "32", "--out", output];
