@@ -155,7 +155,7 @@ module NativeLibraries =
         | _ -> []
 
     /// Where TorchSharp's own copy of the library can be: an application's native folders, next to TorchSharp.dll,
-    /// or (F# Interactive, TorchSharp.dll in the NuGet cache: lib/net6.0/) in its package's runtimes folder.
+    /// or (F# Interactive, TorchSharp.dll in the NuGet cache: lib/<framework>/) in its package's runtimes folder.
     let private originalCandidates (torchSharp: Assembly) =
         let beside =
             match torchSharp.Location with
@@ -301,7 +301,8 @@ module NativeLibraries =
     /// resolver acts only when TorchSharp's own load of LibTorchSharp fails, and raises a GptException that says what
     /// is missing when even the weak-flagged copy cannot be loaded.
     let install () =
-        if OperatingSystem.IsLinux() then
+        // Unlocked first look: a stale false only costs the lock, inside which the flag is read again.
+        if OperatingSystem.IsLinux() && not installed then
             lock gate (fun () ->
                 if not installed then
                     installed <- true
