@@ -32,6 +32,12 @@ internal static class Fixtures
             r.GetProperty("logits_sum").GetDouble());
     }
 
+    /// <summary>Whether the system's libstdc++ defines a symbol version (e.g. GLIBCXX_3.4.32).</summary>
+    public static bool HostLibstdcxxHas(string version) =>
+        new[] { "/usr/lib/x86_64-linux-gnu/libstdc++.so.6", "/lib/x86_64-linux-gnu/libstdc++.so.6", "/usr/lib64/libstdc++.so.6" }
+            .Where(File.Exists)
+            .Any(path => System.Text.Encoding.ASCII.GetString(File.ReadAllBytes(path)).Contains(version + "\0"));
+
     public sealed record Reference(int[][] InputIds, int[] GreedyPrompt, int[] GreedyIds, double[] LogitsFirst, double LogitsSum);
 
     /// <summary>A temporary folder deleted on dispose.</summary>

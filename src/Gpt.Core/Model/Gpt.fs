@@ -383,6 +383,8 @@ module private Initialisation =
 /// Weights are initialised from `seed` with a private generator; without a seed, from the global torch generator.
 type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool) as this =
     inherit torch.nn.Module<Tensor, Tensor>("GptModel")
+    // Before the base constructor's first native call: lets TorchSharp load where libstdc++ is older (NativeLibraries).
+    static do NativeLibraries.install ()
     do GptConfig.validate config
     let wte = torch.nn.Embedding(int64 config.VocabSize, int64 config.EmbeddingDim)
     let wpe = torch.nn.Embedding(int64 config.ContextLength, int64 config.EmbeddingDim)

@@ -81,6 +81,7 @@ module Dataset =
 
     /// The input and target tensors ([B, T], int64) of a batch of windows. The caller owns them.
     let toTensors (windows: SlidingWindows) (indices: int[]) : torch.Tensor * torch.Tensor =
+        Gpt.Kernels.NativeLibraries.install () // often a script's first tensor (book ch. 2): TorchSharp must find its library
         let length = windows.ContextLength
         let inputs = Array.zeroCreate<int64> (indices.Length * length)
         let targets = Array.zeroCreate<int64> (indices.Length * length)
