@@ -28,8 +28,11 @@ type Mode =
 /// LayerNorm's learned scale and shift over the last axis, each [C].
 type NormParams = { Scale: Tensor; Shift: Tensor; Epsilon: float }
 
-/// A linear map y = x Wᵀ + b: weight [out, in], bias [out] or null.
-type LinearParams = { Weight: Tensor; Bias: Tensor }
+/// A low-rank adapter on a linear map (LoRA, the book's appendix E): it adds Scale · B (A x), A [r, in], B [out, r].
+type LowRank = { A: Tensor; B: Tensor; Scale: float }
+
+/// A linear map y = x Wᵀ + b: weight [out, in], bias [out] or null, and an optional low-rank adapter.
+type LinearParams = { Weight: Tensor; Bias: Tensor; Adapter: LowRank option }
 
 /// Attention's fused query|key|value projection C -> 3C and its output projection C -> C.
 type AttentionParams = { Qkv: LinearParams; Projection: LinearParams }
@@ -65,10 +68,19 @@ module Norm =
     let apply (p: NormParams) (x: Tensor) =
         torch.nn.functional.layer_norm(x, [| x.shape[x.shape.Length - 1] |], p.Scale, p.Shift, p.Epsilon)
 
-/// y = x Wᵀ + b (ParallelLinear: a single row, as in generation, is split over two threads).
+/// y = x Wᵀ + b (ParallelLinear: a single row, as in generation, is split over two threads), plus Scale · B (A x)
+/// when the map has a low-rank adapter.
 [<RequireQualifiedAccess>]
 module Linear =
-    let apply (p: LinearParams) (x: Tensor) = ParallelLinear.linear p.Weight p.Bias x
+    let apply (p: LinearParams) (x: Tensor) =
+        match p.Adapter with
+        | None -> ParallelLinear.linear p.Weight p.Bias x
+        | Some lora ->
+            use scope = torch.NewDisposeScope()
+            let down = torch.nn.functional.linear(x, lora.A) // (.., r)
+            let up = torch.nn.functional.linear(down, lora.B) // (.., out)
+            let y = ParallelLinear.linear p.Weight p.Bias x
+            y.add_(up, alpha = lora.Scale.ToScalar()).MoveToOuterDisposeScope()
 
 /// The tanh-approximate GELU GPT-2 was trained with; the exact erf GELU differs by up to 4e-4, enough to drift away
 /// from the released weights. The book's explicit formula is Book.gelu.
@@ -294,7 +306,7 @@ type LayerNorm(embeddingDim: int, epsilon: float) as this =
 
 /// Parameters of a TorchSharp Linear layer (a bias-less one has a null bias).
 module internal LinearLayer =
-    let paramsOf (layer: Modules.Linear) : LinearParams = { Weight = layer.weight; Bias = layer.bias }
+    let paramsOf (layer: Modules.Linear) : LinearParams = { Weight = layer.weight; Bias = layer.bias; Adapter = None }
 
 /// The position-wise feed-forward network: expand 4x, GELU, project back (book ch. 4, nanoGPT's MLP).
 type FeedForward(embeddingDim: int) as this =
