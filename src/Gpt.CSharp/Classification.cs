@@ -142,6 +142,8 @@ public sealed class TextClassifier : IDisposable
 
     private TextClassifier(GptClassifier inner) => Inner = inner;
 
+    internal static TextClassifier Wrap(GptClassifier inner) => new(inner);
+
     /// <summary>Loads a classifier folder (<c>config.json</c> + <c>model.safetensors</c>).</summary>
     /// <exception cref="GptException">Missing or bad files, or a folder that holds a language model.</exception>
     public static TextClassifier Load(string directory) =>

@@ -1,4 +1,6 @@
 using Gpt.Training;
+using Microsoft.FSharp.Collections;
+using Microsoft.FSharp.Core;
 
 namespace Gpt;
 
@@ -19,6 +21,10 @@ public abstract record RunSettings
         EvalInterval = defaults.EvalInterval; EvalBatches = defaults.EvalBatches; Seed = defaults.Seed;
         OutputDirectory = defaults.OutputDirectory; Name = Options.ToObject(defaults.Name); KeepLast = defaults.KeepLast;
         CheckpointInterval = defaults.CheckpointInterval; ResumeFrom = Options.ToObject(defaults.ResumeFrom);
+        if (Options.ToObject(defaults.Lora) is { } lora)
+        {
+            LoraRank = lora.Rank; LoraAlpha = lora.Alpha; LoraTargets = lora.Targets.ToArray();
+        }
     }
 
     /// <summary>Examples (windows, texts) per batch.</summary>
@@ -92,8 +98,24 @@ public abstract record RunSettings
     /// kind of options has a <c>FromCheckpoint</c> that reads them back).</summary>
     public string? ResumeFrom { get; init; }
 
+    /// <summary>Train LoRA adapters of this rank on the frozen model instead of its weights (the book's appendix E;
+    /// null: no LoRA). The run writes the adapters in Hugging Face PEFT's layout (<c>adapter/</c>) beside the merged
+    /// model (<c>model/</c>).</summary>
+    public int? LoraRank { get; init; }
+
+    /// <summary>LoRA's alpha: the update is scaled by alpha / rank (PEFT's <c>lora_alpha</c>; the printed book
+    /// scales by its alpha alone, which is PEFT's alpha / rank). Null: twice the rank.</summary>
+    public double? LoraAlpha { get; init; }
+
+    /// <summary>The maps that get adapters: <c>c_attn</c>, <c>attn.c_proj</c>, <c>c_fc</c>, <c>mlp.c_proj</c>,
+    /// <c>c_proj</c> (both projections), <c>lm_head</c> (an untied language-model head). Null: every map of the
+    /// blocks.</summary>
+    public IReadOnlyList<string>? LoraTargets { get; init; }
+
     internal TrainingSettings ToSettings() => new(
         BatchSize, Epochs, Options.Some(MaxSteps), LearningRate, Options.Some(MinLearningRate), Options.Some(InitialLearningRate),
         WarmupSteps, WeightDecay, DecayAll, Beta1, Beta2, Options.Some(GradientClip), GradientAccumulation, EvalInterval,
-        EvalBatches, Seed, OutputDirectory, Options.SomeObject(Name), KeepLast, CheckpointInterval, Options.SomeObject(ResumeFrom));
+        EvalBatches, Seed, OutputDirectory, Options.SomeObject(Name), KeepLast, CheckpointInterval, Options.SomeObject(ResumeFrom),
+        Gpt.Model.LoraSettingsModule.ofOptions(Options.Some(LoraRank), Options.Some(LoraAlpha),
+            LoraTargets is null ? FSharpOption<FSharpList<string>>.None : FSharpOption<FSharpList<string>>.Some(ListModule.OfSeq(LoraTargets))));
 }

@@ -10,19 +10,22 @@ internal static class ClassifyCommand
 {
     public static Command Create(CliContext context)
     {
-        var modelPath = new Option<string>("--model") { Description = "A classifier folder (gpt finetune classify writes OUT/NAME/model).", Required = true };
+        var modelPath = new Option<string?>("--model") { Description = "A classifier folder (gpt finetune classify writes OUT/NAME/model); with --adapter, the base (default: the one the adapter names)." };
+        var adapter = ModelCommands.AdapterOption();
         var texts = new Option<string[]>("--text") { Description = "A text to classify; repeat for several. Without --text: JSON Lines {\"text\": ...} on standard input." };
         var format = Commands.FormatOption();
         var command = new Command("classify", "Label texts with a classifier. JSON output: one object per text {\"text\", \"label\", \"label_id\", \"probabilities\": {label: p}, \"logits\": [...]}.")
         {
-            modelPath, texts, format,
+            modelPath, adapter, texts, format,
         };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
             var given = parse.GetValue(texts) ?? [];
             var inputs = given.Length > 0 ? given : ReadJsonLines(context);
             if (inputs.Count == 0) throw new GptException("no text to classify: pass --text \"...\" or JSON Lines {\"text\": ...} on standard input");
-            using var classifier = TextClassifier.Load(parse.GetValue(modelPath)!);
+            using var classifier = parse.GetValue(adapter) is { } adapterDirectory
+                ? LoraAdapters.LoadClassifier(adapterDirectory, parse.GetValue(modelPath))
+                : TextClassifier.Load(parse.GetValue(modelPath) ?? throw new GptException("no classifier: pass --model (a classifier folder) or --adapter"));
             var json = parse.GetValue(format) == "json";
             foreach (var p in classifier.ClassifyBatch(inputs))
             {

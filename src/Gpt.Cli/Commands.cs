@@ -13,6 +13,7 @@ internal static partial class Commands
         yield return ModelCommands.Info(context);
         yield return ModelCommands.Logits(context);
         yield return ConvertCommand.Create(context);
+        yield return ModelCommands.Merge(context);
         yield return TrainCommand.Create(context);
         yield return FinetuneCommand.Create(context);
         yield return ClassifyCommand.Create(context);

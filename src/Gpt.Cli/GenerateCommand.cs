@@ -11,6 +11,7 @@ internal static class GenerateCommand
     public static Command Create(CliContext context)
     {
         var modelPath = ModelCommands.ModelOption();
+        var adapter = ModelCommands.AdapterOption();
         var prompts = new Option<string[]>("--prompt") { Description = "Text prompt; repeat for several prompts (each stops on its own)." };
         var ids = new Option<string[]>("--ids") { Description = "Prompt as comma-separated token ids (1,2,3); repeatable. Instead of --prompt." };
         var generation = new GenerationOptions(50);
@@ -20,7 +21,7 @@ internal static class GenerateCommand
         var command = new Command("generate", "Generate text from a model (greedy by default; temperature, top-k, top-p sampling). " +
                                               "JSON output: one object per prompt {\"ids\": [prompt ids then new ids], \"text\": ...}.")
         {
-            modelPath, prompts, ids, stream, noStream, format,
+            modelPath, adapter, prompts, ids, stream, noStream, format,
         };
         generation.AddTo(command);
         command.SetAction(parse => CliApp.Guard(context, () =>
@@ -34,7 +35,7 @@ internal static class GenerateCommand
             var promptIds = textPrompts.Length > 0
                 ? textPrompts.Select(p => (IReadOnlyList<int>)tokenizer.Encode(p)).ToList()
                 : idPrompts.Select((s, i) => (IReadOnlyList<int>)ModelCommands.ParseIdList(s, $"--ids #{i + 1}")).ToList();
-            using var model = GptModel.Load(parse.GetValue(modelPath)!);
+            using var model = ModelCommands.LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter));
             var json = parse.GetValue(format) == "json";
             var streaming = !json && !parse.GetValue(noStream) && promptIds.Count == 1 && textPrompts.Length == 1;
             if (streaming)

@@ -90,14 +90,43 @@ internal static class ModelCommands
         return command;
     }
 
+    /// <summary><c>gpt merge</c>: a base plus a LoRA adapter written as a plain model folder.</summary>
+    public static Command Merge(CliContext context)
+    {
+        var modelPath = new Option<string?>("--model") { Description = "The base model (any model source, or a classifier folder). Default: the base the adapter names." };
+        var adapter = new Option<string>("--adapter") { Description = "The LoRA adapter folder (PEFT's layout; a run with --lora-rank writes OUT/NAME/adapter).", Required = true };
+        var output = new Option<string>("--out") { Description = "Folder to write the merged model to (Hugging Face layout; replaced atomically).", Required = true };
+        var format = Commands.FormatOption();
+        var command = new Command("merge",
+            "Merge a LoRA adapter into its base: every adapted weight becomes W + (alpha / r) · B A, written as a plain model folder " +
+            "(a classifier when the adapter is one) that every command loads without --adapter.")
+        {
+            modelPath, adapter, output, format,
+        };
+        command.SetAction(parse => CliApp.Guard(context, () =>
+        {
+            var info = LoraAdapters.ReadInfo(parse.GetValue(adapter)!);
+            var outDirectory = Path.GetFullPath(parse.GetValue(output)!);
+            var classifier = LoraAdapters.Merge(parse.GetValue(adapter)!, outDirectory, parse.GetValue(modelPath));
+            Commands.Print(context, parse.GetValue(format)!, new System.Text.Json.Nodes.JsonObject
+            {
+                ["path"] = outDirectory, ["kind"] = classifier ? "classifier" : "language model", ["rank"] = info.Rank,
+                ["alpha"] = info.Alpha, ["targets"] = string.Join(",", info.Targets),
+            });
+            return 0;
+        }));
+        return command;
+    }
+
     public static Command Info(CliContext context)
     {
         var modelPath = ModelOption();
         var format = Commands.FormatOption();
-        var command = new Command("info", "Print a model's configuration, parameter count and memory.") { modelPath, format };
+        var adapter = AdapterOption();
+        var command = new Command("info", "Print a model's configuration, parameter count and memory.") { modelPath, adapter, format };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
-            using var model = LoadModel(context, parse.GetValue(modelPath)!);
+            using var model = LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter));
             Commands.Print(context, parse.GetValue(format)!, Describe(model));
             return 0;
         }));
@@ -112,11 +141,12 @@ internal static class ModelCommands
             Description = "Token ids of one sequence, comma-separated (1,2,3); repeat for a batch of equal-length sequences.",
             Required = true, AllowMultipleArgumentsPerToken = false,
         };
-        var command = new Command("logits", "Print the logits {\"logits\": [[[...]]]} of shape [batch, length, vocabulary], for cross-checking against other implementations.") { modelPath, ids };
+        var adapter = AdapterOption();
+        var command = new Command("logits", "Print the logits {\"logits\": [[[...]]]} of shape [batch, length, vocabulary], for cross-checking against other implementations.") { modelPath, adapter, ids };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
             var sequences = parse.GetValue(ids)!.Select((s, i) => ParseIdList(s, $"--ids #{i + 1}")).ToList();
-            using var model = LoadModel(context, parse.GetValue(modelPath)!);
+            using var model = LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter));
             var logits = model.Logits(sequences);
             var writer = context.Output;
             writer.Write("{\"logits\": [");
@@ -137,17 +167,29 @@ internal static class ModelCommands
         return command;
     }
 
-    internal static Option<string> ModelOption() =>
+    internal static Option<string?> ModelOption() =>
         new("--model")
         {
             Description = "The model: a folder (Hugging Face layout, or OpenAI's checkpoint with hparams.json), a .pth state dict (the book's), " +
-                          "or a Hugging Face id (gpt2, openai-community/gpt2-medium, user/name@revision: from the cache, else downloaded).",
-            Required = true,
+                          "or a Hugging Face id (gpt2, openai-community/gpt2-medium, user/name@revision: from the cache, else downloaded). " +
+                          "Required, unless --adapter names its base.",
         };
 
-    /// <summary>Loads any model source, showing downloads on standard error.</summary>
-    internal static GptModel LoadModel(CliContext context, string source) =>
-        GptModel.Load(source, DownloadProgressBar.For(context), context.Cancellation);
+    /// <summary><c>--adapter</c>: a LoRA adapter folder merged into the model on loading.</summary>
+    internal static Option<string?> AdapterOption() =>
+        new("--adapter")
+        {
+            Description = "A LoRA adapter folder (PEFT's layout, as a run with --lora-rank writes to OUT/NAME/adapter), merged into --model " +
+                          "(default: the base the adapter names) on loading.",
+        };
+
+    /// <summary>Loads any model source, showing downloads on standard error; with an adapter, merged.</summary>
+    internal static GptModel LoadModel(CliContext context, string? source, string? adapter = null)
+    {
+        if (adapter is not null) return LoraAdapters.LoadModel(adapter, source);
+        if (source is null) throw new GptException("no model: pass --model (a folder, a .pth file or a Hugging Face id)");
+        return GptModel.Load(source, DownloadProgressBar.For(context), context.Cancellation);
+    }
 
     /// <summary>"1,2,3" (or "[1, 2, 3]") to ids, with a clear error.</summary>
     internal static int[] ParseIdList(string text, string where)

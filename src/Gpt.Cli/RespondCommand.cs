@@ -9,7 +9,8 @@ internal static class RespondCommand
 {
     public static Command Respond(CliContext context)
     {
-        var modelPath = new Option<string>("--model") { Description = "The model (gpt finetune instruct writes OUT/NAME/model; any model source).", Required = true };
+        var modelPath = new Option<string?>("--model") { Description = "The model (gpt finetune instruct writes OUT/NAME/model; any model source); with --adapter, the base (default: the one the adapter names)." };
+        var adapter = ModelCommands.AdapterOption();
         var instruction = new Option<string?>("--instruction") { Description = "The instruction. Without it: JSON Lines {\"instruction\", \"input\"} on standard input, one response each." };
         var input = new Option<string?>("--input") { Description = "The instruction's input (optional)." };
         var style = new Option<string>("--prompt-style") { Description = "alpaca (the book's) or phi3: the style the model was fine-tuned with.", DefaultValueFactory = _ => "alpaca" };
@@ -20,7 +21,7 @@ internal static class RespondCommand
             "Answer an instruction with an instruction-tuned model (book chapter 7): the prompt formatted as in training, generation " +
             "stopping at end-of-text, the text after the response marker. JSON output: {\"instruction\", \"input\", \"response\"} per entry.")
         {
-            modelPath, instruction, input, style, format,
+            modelPath, adapter, instruction, input, style, format,
         };
         generation.AddTo(command);
         command.SetAction(parse => CliApp.Guard(context, () =>
@@ -29,7 +30,10 @@ internal static class RespondCommand
                 ? [new InstructionEntry(text, parse.GetValue(input) ?? "")]
                 : ReadEntries(context);
             if (entries.Count == 0) throw new GptException("no instruction: pass --instruction \"...\" or JSON Lines {\"instruction\": ...} on standard input");
-            using var model = InstructionModel.Load(parse.GetValue(modelPath)!, parse.GetValue(style) == "phi3" ? PromptStyle.Phi3 : PromptStyle.Alpaca);
+            var promptStyle = parse.GetValue(style) == "phi3" ? PromptStyle.Phi3 : PromptStyle.Alpaca;
+            using var model = parse.GetValue(adapter) is { } adapterDirectory
+                ? InstructionModel.LoadWithAdapter(adapterDirectory, parse.GetValue(modelPath), promptStyle)
+                : InstructionModel.Load(parse.GetValue(modelPath) ?? throw new GptException("no model: pass --model or --adapter"), promptStyle);
             var settings = generation.Read(parse);
             foreach (var entry in entries)
             {

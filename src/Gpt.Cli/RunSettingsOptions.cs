@@ -26,6 +26,9 @@ internal sealed class RunSettingsOptions
         Resume = new("--resume") { Description = "Resume a run from its latest checkpoint: the run's folder (runs/NAME) or a checkpoint. Its options are reused; options given here override them." };
         KeepLast = new("--keep-last") { Description = "Checkpoints kept besides the best by validation loss.", DefaultValueFactory = _ => defaults.KeepLast };
         CheckpointInterval = new("--checkpoint-interval") { Description = "Write a checkpoint every this many steps (0: only at the end and on Ctrl+C).", DefaultValueFactory = _ => defaults.CheckpointInterval };
+        LoraRank = new("--lora-rank") { Description = "Train LoRA adapters of this rank on the frozen model (appendix E); the run writes adapter/ (PEFT's layout) beside the merged model/." };
+        LoraAlpha = new("--lora-alpha") { Description = "LoRA alpha: updates are scaled by alpha / rank (PEFT's lora_alpha). Default: twice the rank." };
+        LoraTargets = new("--lora-targets") { Description = "Comma-separated maps to adapt: c_attn, attn.c_proj, c_fc, mlp.c_proj, c_proj (both), lm_head. Default: every map of the blocks." };
         Format = Commands.FormatOption();
         Format.Description = "Output: text (a live display on a terminal, plain lines otherwise) or json (one JSON object per event, for scripts).";
     }
@@ -48,6 +51,9 @@ internal sealed class RunSettingsOptions
     public Option<string?> Resume { get; }
     public Option<int> KeepLast { get; }
     public Option<int> CheckpointInterval { get; }
+    public Option<int?> LoraRank { get; }
+    public Option<double?> LoraAlpha { get; }
+    public Option<string?> LoraTargets { get; }
     public Option<string> Format { get; }
 
     public void AddTo(Command command)
@@ -55,7 +61,7 @@ internal sealed class RunSettingsOptions
         foreach (var option in new Option[]
                  {
                      BatchSize, Epochs, MaxSteps, LearningRate, MinLearningRate, WarmupSteps, WeightDecay, DecayAll, GradientClip,
-                     GradientAccumulation, EvalInterval, EvalBatches, Seed, Output, Name, Resume, KeepLast, CheckpointInterval, Format,
+                     GradientAccumulation, EvalInterval, EvalBatches, Seed, Output, Name, Resume, KeepLast, CheckpointInterval, LoraRank, LoraAlpha, LoraTargets, Format,
                  })
             command.Add(option);
     }
@@ -85,6 +91,11 @@ internal sealed class RunSettingsOptions
             Name = Given(Name) ? parse.GetValue(Name) : options.Name,
             KeepLast = Given(KeepLast) ? parse.GetValue(KeepLast) : options.KeepLast,
             CheckpointInterval = Given(CheckpointInterval) ? parse.GetValue(CheckpointInterval) : options.CheckpointInterval,
+            LoraRank = Given(LoraRank) ? parse.GetValue(LoraRank) : options.LoraRank,
+            LoraAlpha = Given(LoraAlpha) ? parse.GetValue(LoraAlpha) : options.LoraAlpha,
+            LoraTargets = Given(LoraTargets)
+                ? parse.GetValue(LoraTargets)!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)
+                : options.LoraTargets,
         });
     }
 

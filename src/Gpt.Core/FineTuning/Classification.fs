@@ -146,6 +146,7 @@ module ClassificationOptions =
         json["max_length"] <- (options.MaxLength |> Option.map (fun n -> JsonValue.Create n :> JsonNode) |> Option.toObj)
         json["drop_rate"] <- options.DropRate
         json["shuffle"] <- options.Shuffle
+        json["lora"] <- RunFile.loraJson options.Training.Lora
         json
 
     /// Options back from run.json and a checkpoint's trainer options, resuming from `path`.
@@ -161,7 +162,7 @@ module ClassificationOptions =
               Trainable = TrainableSet.Parse(json["trainable"].GetValue<string>())
               MaxLength = (match json["max_length"] with null -> None | node -> Some(node.GetValue<int>()))
               DropRate = json["drop_rate"].GetValue<float>(); Shuffle = json["shuffle"].GetValue<bool>()
-              Training = TrainingSettings.ofTrainerOptions stored runDirectory resumeFrom }
+              Training = { TrainingSettings.ofTrainerOptions stored runDirectory resumeFrom with Lora = RunFile.loraOf json["lora"] } }
         with
         | :? GptException -> reraise ()
         | e -> raise (GptException(sprintf "'%s' is not a valid classification run file: %s" path e.Message, e))
@@ -312,6 +313,13 @@ module Classification =
         let resumed = options.Training.ResumeFrom |> Option.map (Run.resumedDirectory options.Training)
         let runDirectory = resumed |> Option.map snd |> Option.defaultWith (fun () -> Run.freshDirectory options.Training)
         use classifier = startingClassifier options dataLabels
+        // LoRA: adapters on the frozen body, the head trained in full; otherwise the trainable set.
+        let trainableParameters =
+            match options.Training.Lora with
+            | Some lora ->
+                Lora.attachClassifier lora (int64 options.Training.Seed) classifier |> ignore
+                Lora.freezeBase (fun name -> name.StartsWith "score.") classifier
+            | None -> trainable options.Trainable classifier
         let config = classifier.Config
         let limit, fixedLength = lengths options config.Pooling config.Body.ContextLength tokenizer train
         let trainExamples, validationExamples, testExamples, truncated = examples options config.Labels limit tokenizer splits
@@ -319,7 +327,7 @@ module Classification =
             TrainingSettings.resolve options.Training id limit limit (None, 0) runDirectory
         let task =
             { Model = classifier
-              Trainable = trainable options.Trainable classifier
+              Trainable = trainableParameters
               Objective = objective classifier
               Data = batches options config.PadTokenId fixedLength trainExamples validationExamples
               Sample = None
@@ -334,7 +342,13 @@ module Classification =
             else
                 let directory = Path.Combine(runDirectory, Run.modelFolder)
                 classifier.eval ()
-                ClassifierFiles.save directory classifier
+                match options.Training.Lora with
+                | Some lora ->
+                    let baseModel = if Directory.Exists options.Model || File.Exists options.Model then Path.GetFullPath options.Model else options.Model
+                    AdapterFiles.saveClassifier (Path.Combine(runDirectory, Run.adapterFolder)) lora (Some baseModel) classifier
+                    use merged = Lora.mergedClassifier classifier
+                    ClassifierFiles.save directory merged
+                | None -> ClassifierFiles.save directory classifier
                 modelSaved directory
                 Some directory
         let testAccuracy, testLoss = evaluateAll classifier options.Training.BatchSize config.PadTokenId fixedLength testExamples

@@ -93,6 +93,7 @@ module InstructionOptions =
         json["drop_rate"] <- options.DropRate
         json["shuffle"] <- options.Shuffle
         json["response_tokens"] <- options.ResponseTokens
+        json["lora"] <- RunFile.loraJson options.Training.Lora
         json
 
     /// Options back from run.json and a checkpoint's trainer options, resuming from `path`.
@@ -106,7 +107,7 @@ module InstructionOptions =
               MaxLength = (match json["max_length"] with null -> None | node -> Some(node.GetValue<int>()))
               DropRate = json["drop_rate"].GetValue<float>(); Shuffle = json["shuffle"].GetValue<bool>()
               ResponseTokens = json["response_tokens"].GetValue<int>()
-              Training = TrainingSettings.ofTrainerOptions stored runDirectory resumeFrom }
+              Training = { TrainingSettings.ofTrainerOptions stored runDirectory resumeFrom with Lora = RunFile.loraOf json["lora"] } }
         with
         | :? GptException -> reraise ()
         | e -> raise (GptException(sprintf "'%s' is not a valid instruction run file: %s" file e.Message, e))
@@ -181,13 +182,13 @@ module Instruction =
         | task when not (isNull task) && task.GetValue<string>() = "instruction" -> InstructionOptions.ofJson file json stored runDirectory path
         | _ -> Errors.fail "'%s' is not an instruction run (see its run.json)" runDirectory
 
-    /// The model an instruction run trains: a checkpoint's whole model (resume) or the starting model, with the run's
-    /// dropout.
+    /// The model an instruction run trains: a checkpoint's whole model (resume) or the starting model (a new run,
+    /// or a LoRA run's checkpoint, which holds only the adapters), with the run's dropout.
     let private startingModel (options: InstructionOptions) (resumed: (string * string) option) =
         let model =
             match resumed with
-            | Some(checkpoint, _) -> Checkpoint.loadGpt checkpoint
-            | None -> ModelSource.load options.Model
+            | Some(checkpoint, _) when Checkpoint.holdsWholeModel checkpoint -> Checkpoint.loadGpt checkpoint
+            | _ -> ModelSource.load options.Model
         if model.Config.DropRate = options.DropRate then model
         else
             use source = model
@@ -224,6 +225,9 @@ module Instruction =
         let resumed = options.Training.ResumeFrom |> Option.map (Run.resumedDirectory options.Training)
         let runDirectory = resumed |> Option.map snd |> Option.defaultWith (fun () -> Run.freshDirectory options.Training)
         use model = startingModel options resumed
+        Run.attachAdapters options.Training model
+        let trainable =
+            if options.Training.Lora.IsSome then Lora.freezeBase (fun _ -> false) model else Optimizer.trainable model
         let maxLength = min model.Config.ContextLength (options.MaxLength |> Option.defaultValue model.Config.ContextLength)
         let endOfText = tokenizer.EndOfTextId |> Option.defaultValue 50256
         let encode = List.map (InstructionData.encode tokenizer options.PromptStyle) >> Array.ofList
@@ -233,7 +237,7 @@ module Instruction =
         let trainerOptions = TrainingSettings.resolve options.Training id maxLength maxLength (None, 0) runDirectory
         let task =
             { Model = model
-              Trainable = Optimizer.trainable model
+              Trainable = trainable
               Objective = LanguageModelTask.objective model
               Data = batches options endOfText maxLength trainExamples validationExamples
               Sample = None
@@ -246,11 +250,14 @@ module Instruction =
         let modelDirectory, (responsesFile, responses) =
             if trained.Steps = 0 then None, (None, [])
             else
-                let directory = Path.Combine(runDirectory, Run.modelFolder)
-                model.eval ()
-                Pretrained.save directory model
+                let baseModel = if Directory.Exists options.Model || File.Exists options.Model then Path.GetFullPath options.Model else options.Model
+                let directory = Run.saveModel runDirectory options.Training (Some baseModel) model
                 modelSaved directory
-                Some directory, testResponses options model tokenizer runDirectory test
+                // The responses come from the saved model: with LoRA, the merged one.
+                if options.Training.Lora.IsSome then
+                    use merged = Lora.merged model
+                    Some directory, testResponses options merged tokenizer runDirectory test
+                else Some directory, testResponses options model tokenizer runDirectory test
         let exact, f1 = scores responses
         { Run = Run.resultOf trained (latest ()).Elapsed runDirectory modelDirectory; ResponsesFile = responsesFile
           ExactMatch = exact; TokenF1 = f1; TrainExamples = train.Length; ValidationExamples = validation.Length

@@ -110,12 +110,19 @@ module HeadLoss =
             let saved = context.get_saved_variables ()
             let gradHidden, gradWeight, weight = saved[0], saved[1], saved[2]
             let scale = gradOutput.item<float32> ()
-            if weight.requires_grad then
-                use existing = weight.grad
-                if isNull existing then weight.grad <- (if scale = 1.0f then gradWeight else gradWeight.mul(gradOutput))
-                else existing.add_(gradWeight, alpha = scale) |> ignore
+            let scaled (gradient: torch.Tensor) = if scale = 1.0f then gradient else gradient.mul(gradOutput)
+            // A weight computed from others (a head with a LoRA adapter merged in) passes its gradient back through
+            // autograd; a parameter gets it added to its .grad here.
+            let weightGradient =
+                if weight.requires_grad && not weight.is_leaf then scaled gradWeight
+                else
+                    if weight.requires_grad then
+                        use existing = weight.grad
+                        if isNull existing then weight.grad <- scaled gradWeight
+                        else existing.add_(gradWeight, alpha = scale) |> ignore
+                    null
             // A loss that is not scaled (the usual case) passes the gradient on as it is: no copy.
-            List [ (if scale = 1.0f then gradHidden else gradHidden.mul(gradOutput)); null; null ]
+            List [ scaled gradHidden; weightGradient; null ]
 
     /// Mean next-token cross-entropy of the logits hidden · weightᵀ against targets, without materialising the
     /// logits. hidden (N, C) float, weight (V, C) (the head's, or the tied token embedding), targets (N) int64 ->

@@ -43,13 +43,14 @@ type MlpParams = { Expand: LinearParams; Project: LinearParams }
 /// One transformer block.
 type BlockParams = { AttentionNorm: NormParams; Attention: AttentionParams; MlpNorm: NormParams; Mlp: MlpParams }
 
-/// The whole model. Head is the output head's weight [vocab, C]: the token embedding itself when tied.
+/// The whole model. Head is the output head [vocab, C], without a bias: its weight is the token embedding itself when
+/// tied.
 type GptParams =
     { TokenEmbedding: Tensor
       PositionEmbedding: Tensor
       Blocks: BlockParams[]
       FinalNorm: NormParams
-      Head: Tensor }
+      Head: LinearParams }
 
 // ---- the maths ----------------------------------------------------------------------------------------------------
 
@@ -217,7 +218,13 @@ module Gpt =
         (Norm.apply p.FinalNorm x).MoveToOuterDisposeScope()
 
     /// The output head: normalised hidden states (B, T, C) -> logits (B, T, vocab).
-    let head (p: GptParams) (hidden: Tensor) = ParallelLinear.linear p.Head null hidden
+    let head (p: GptParams) (hidden: Tensor) = Linear.apply p.Head hidden
+
+    /// The head's weight with its adapter merged in (W + Scale · B A), for the fused loss; the weight itself without one.
+    let private headWeight (p: GptParams) =
+        match p.Head.Adapter with
+        | None -> p.Head.Weight
+        | Some lora -> torch.addmm(p.Head.Weight, lora.B, lora.A, beta = 1.0f, alpha = float32 lora.Scale)
 
     /// ids (B, T) -> logits (B, T, vocab).
     let logits (config: GptConfig) (mode: Mode) (p: GptParams) (ids: Tensor) =
@@ -234,7 +241,7 @@ module Gpt =
                 (Errors.shapeText hidden.shape) (Errors.shapeText targets.shape) config.EmbeddingDim
         use scope = torch.NewDisposeScope()
         let flat = hidden.reshape(-1L, int64 config.EmbeddingDim) // (B*T, C)
-        (HeadLoss.crossEntropy flat p.Head (targets.flatten().to_type(torch.int64))).MoveToOuterDisposeScope() // ()
+        (HeadLoss.crossEntropy flat (headWeight p) (targets.flatten().to_type(torch.int64))).MoveToOuterDisposeScope() // ()
 
     /// Mean next-token cross-entropy of the predictions for ids (B, T) against targets (B, T): equal to
     /// cross_entropy(logits ids, targets) without the logits in memory. Differentiable.
@@ -304,9 +311,49 @@ type LayerNorm(embeddingDim: int, epsilon: float) as this =
     /// The book's explicit formula with this module's parameters; equal to `forward` up to rounding.
     member _.ForwardExplicit(x: Tensor) = Book.layerNorm epsilon weight bias x
 
-/// Parameters of a TorchSharp Linear layer (a bias-less one has a null bias).
+/// A low-rank adapter (LoRA, the book's appendix E) for a linear map in → out: `lora_A` [r, in] and `lora_B`
+/// [out, r], PEFT's names; it adds (alpha / r) · B (A x). A starts Kaiming-uniform as the book's does (its bound
+/// 1/sqrt(r): the book's A is [in, r], whose fan-in is r), B at zero, so a fresh adapter changes nothing. Drawn from
+/// `seed` with a private generator (the global one is untouched).
+type LoraAdapter(inFeatures: int, outFeatures: int, rank: int, alpha: float, seed: int64) as this =
+    inherit torch.nn.Module<Tensor, Tensor>("LoraAdapter")
+    do
+        Errors.require (rank > 0) "the LoRA rank must be positive, found %d" rank
+        Errors.require (alpha > 0.0 && Double.IsFinite alpha) "the LoRA alpha must be positive, found %g" alpha
+    let lora_A =
+        use generator = new torch.Generator(uint64 seed, torch.CPU)
+        let bound = 1.0 / Math.Sqrt(float rank)
+        new Parameter(torch.rand([| int64 rank; int64 inFeatures |], generator = generator).mul_((2.0 * bound).ToScalar()).sub_(bound.ToScalar()))
+    let lora_B = new Parameter(torch.zeros(int64 outFeatures, int64 rank))
+    do this.RegisterComponents()
+
+    member _.Rank = rank
+    member _.Alpha = alpha
+    /// alpha / r: PEFT's scaling (the book's first edition multiplied by alpha alone).
+    member _.Scale = alpha / float rank
+    member _.A = lora_A
+    member _.B = lora_B
+    member _.Params : LowRank = { A = lora_A; B = lora_B; Scale = alpha / float rank }
+
+    /// The adapter's own output, (alpha / r) · B (A x).
+    override _.forward(x: Tensor) =
+        use scope = torch.NewDisposeScope()
+        (torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B) * (alpha / float rank)).MoveToOuterDisposeScope()
+
+/// Parameters of a TorchSharp Linear layer (a bias-less one has a null bias) with the adapter its owner holds for it.
 module internal LinearLayer =
     let paramsOf (layer: Modules.Linear) : LinearParams = { Weight = layer.weight; Bias = layer.bias; Adapter = None }
+
+    let withAdapter (adapters: Map<string, LoraAdapter>) (name: string) (layer: Modules.Linear) : LinearParams =
+        { paramsOf layer with Adapter = adapters |> Map.tryFind name |> Option.map _.Params }
+
+/// A module that can hold low-rank adapters for its linear maps, registered as `<map>_lora` (its state_dict keys
+/// `<map>_lora.lora_A`, `<map>_lora.lora_B`).
+type IAdaptable =
+    /// The maps this module owns, by name ("c_attn", "c_proj", ...), with their (in, out) sizes.
+    abstract Maps: (string * int * int) list
+    abstract Adapters: Map<string, LoraAdapter>
+    abstract Attach: name: string * adapter: LoraAdapter -> unit
 
 /// The position-wise feed-forward network: expand 4x, GELU, project back (book ch. 4, nanoGPT's MLP).
 type FeedForward(embeddingDim: int) as this =
@@ -315,11 +362,21 @@ type FeedForward(embeddingDim: int) as this =
     let c_proj = torch.nn.Linear(4L * int64 embeddingDim, int64 embeddingDim)
     do this.RegisterComponents()
 
+    let mutable adapters: Map<string, LoraAdapter> = Map.empty
+
     /// The expansion C -> 4C, state_dict key `c_fc`.
     member _.Expand = c_fc
     /// The projection back 4C -> C, state_dict key `c_proj`.
     member _.Project = c_proj
-    member _.Params : MlpParams = { Expand = LinearLayer.paramsOf c_fc; Project = LinearLayer.paramsOf c_proj }
+    member _.Params : MlpParams =
+        { Expand = LinearLayer.withAdapter adapters "c_fc" c_fc; Project = LinearLayer.withAdapter adapters "c_proj" c_proj }
+
+    interface IAdaptable with
+        member _.Maps = [ "c_fc", embeddingDim, 4 * embeddingDim; "c_proj", 4 * embeddingDim, embeddingDim ]
+        member _.Adapters = adapters
+        member this.Attach(name, adapter) =
+            adapters <- adapters.Add(name, adapter)
+            this.register_module(name + "_lora", adapter)
 
     override this.forward(x: Tensor) = Mlp.apply this.Params x
 
@@ -332,11 +389,21 @@ type CausalSelfAttention(config: GptConfig) as this =
     let c_proj = torch.nn.Linear(int64 config.EmbeddingDim, int64 config.EmbeddingDim)
     do this.RegisterComponents()
 
+    let mutable adapters: Map<string, LoraAdapter> = Map.empty
+
     /// The fused query|key|value projection C -> 3C, state_dict key `c_attn`.
     member _.QkvProjection = c_attn
     /// The output projection C -> C, state_dict key `c_proj`.
     member _.OutputProjection = c_proj
-    member _.Params : AttentionParams = { Qkv = LinearLayer.paramsOf c_attn; Projection = LinearLayer.paramsOf c_proj }
+    member _.Params : AttentionParams =
+        { Qkv = LinearLayer.withAdapter adapters "c_attn" c_attn; Projection = LinearLayer.withAdapter adapters "c_proj" c_proj }
+
+    interface IAdaptable with
+        member _.Maps = [ "c_attn", config.EmbeddingDim, 3 * config.EmbeddingDim; "c_proj", config.EmbeddingDim, config.EmbeddingDim ]
+        member _.Adapters = adapters
+        member this.Attach(name, adapter) =
+            adapters <- adapters.Add(name, adapter)
+            this.register_module(name + "_lora", adapter)
 
     override this.forward(x: Tensor) = Attention.forward config (Mode.Of this.training) this.Params x
 
@@ -406,6 +473,7 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
     // so parameters() yields that matrix once and an optimiser steps it once.
     let lm_head: Modules.Linear =
         if config.TiedHead then null else torch.nn.Linear(int64 config.EmbeddingDim, int64 config.VocabSize, hasBias = false)
+    let mutable headAdapters: Map<string, LoraAdapter> = Map.empty
     do
         this.RegisterComponents()
         // Skipped (internally) when every weight is about to be overwritten by a checkpoint: drawing 124M normals is
@@ -455,7 +523,17 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
           PositionEmbedding = wpe.weight
           Blocks = [| for block in h -> block.Params |]
           FinalNorm = ln_f.Params
-          Head = if isNull lm_head then table else lm_head.weight }
+          Head =
+            if isNull lm_head then { Weight = table; Bias = null; Adapter = None }
+            else LinearLayer.withAdapter headAdapters "lm_head" lm_head }
+
+    /// A separate head can hold an adapter too (a tied head is the embedding table, which LoRA leaves alone).
+    interface IAdaptable with
+        member _.Maps = if isNull lm_head then [] else [ "lm_head", config.EmbeddingDim, config.VocabSize ]
+        member _.Adapters = headAdapters
+        member this.Attach(name, adapter) =
+            headAdapters <- headAdapters.Add(name, adapter)
+            this.register_module(name + "_lora", adapter)
 
     /// The mode of the Module's training flag.
     member _.Mode = Mode.Of this.training

@@ -340,6 +340,10 @@ module Checkpoint =
         prune root keepLast
         final
 
+    /// Whether a checkpoint holds the whole model (false: only the trained parameters of a run with a frozen base,
+    /// which its run rebuilds from where it started).
+    let holdsWholeModel (directory: string) = (readDocument directory).ModelTensors = "all"
+
     /// Reads and checks a checkpoint's state (JSON and file sizes) without loading any tensor.
     let read (directory: string) : CheckpointState =
         let document = readDocument directory

@@ -51,7 +51,10 @@ type TrainingSettings =
       KeepLast: int
       CheckpointInterval: int
       /// A run's folder, its checkpoints folder or one checkpoint: continue that run.
-      ResumeFrom: string option }
+      ResumeFrom: string option
+      /// Train low-rank adapters on the frozen model instead of its weights (LoRA, the book's appendix E); the run
+      /// writes them in PEFT's layout (adapter/) beside the merged model (model/).
+      Lora: LoraSettings option }
 
 [<RequireQualifiedAccess>]
 module TrainingSettings =
@@ -61,7 +64,7 @@ module TrainingSettings =
         { BatchSize = 4; Epochs = 20; MaxSteps = None; LearningRate = 1e-3; MinLearningRate = None; InitialLearningRate = None
           WarmupSteps = 10; WeightDecay = 0.1; DecayAll = false; Beta1 = 0.9; Beta2 = 0.999; GradientClip = Some 1.0
           GradientAccumulation = 1; EvalInterval = 20; EvalBatches = 5; Seed = 123; OutputDirectory = "runs"; Name = None
-          KeepLast = 3; CheckpointInterval = 100; ResumeFrom = None }
+          KeepLast = 3; CheckpointInterval = 100; ResumeFrom = None; Lora = None }
 
     /// The book's fine-tuning (chapters 6 and 7): AdamW at 5e-5 with weight decay 0.1 on every parameter, batch 8, no
     /// warmup, no clipping; `epochs` epochs, evaluation every 50 steps on 5 batches. Fine-tuning runs resolve a missing
@@ -85,7 +88,8 @@ module TrainingSettings =
           OutputDirectory = Some runDirectory; CheckpointInterval = settings.CheckpointInterval; KeepLast = settings.KeepLast
           SamplePrompt = fst sample; SampleTokens = snd sample }
 
-    /// The settings a checkpoint's trainer options were resolved from, in the run folder that holds it.
+    /// The settings a checkpoint's trainer options were resolved from, in the run folder that holds it (LoRA settings
+    /// live in run.json: see RunFile).
     let ofTrainerOptions (stored: TrainerOptions) (runDirectory: string) (resumeFrom: string) =
         { BatchSize = stored.BatchSize; Epochs = stored.Epochs; MaxSteps = stored.MaxSteps; LearningRate = stored.LearningRate
           MinLearningRate = Some stored.MinLearningRate; InitialLearningRate = Some stored.InitialLearningRate
@@ -93,7 +97,7 @@ module TrainingSettings =
           Beta2 = stored.Beta2; GradientClip = stored.GradientClip; GradientAccumulation = stored.GradientAccumulation
           EvalInterval = stored.EvalInterval; EvalBatches = stored.EvalBatches; Seed = stored.Seed
           OutputDirectory = Path.GetDirectoryName runDirectory; Name = Some(Path.GetFileName runDirectory); KeepLast = stored.KeepLast
-          CheckpointInterval = stored.CheckpointInterval; ResumeFrom = Some resumeFrom }
+          CheckpointInterval = stored.CheckpointInterval; ResumeFrom = Some resumeFrom; Lora = None }
 
     /// Fails on settings no run can take (the trainer checks the rest).
     let validate (settings: TrainingSettings) =
@@ -186,34 +190,72 @@ type RunResult =
       Elapsed: TimeSpan
       Evaluations: EvaluationRecord[] }
 
-/// run.json: what a run's checkpoints do not hold (where the text came from and how it was split).
+/// run.json: what a run's checkpoints do not hold (where the text came from and how it was split, the model it started
+/// from, its LoRA settings).
 [<RequireQualifiedAccess>]
 module RunFile =
     let fileName = "run.json"
 
-    /// Writes run.json atomically.
-    let write (runDirectory: string) (options: RunOptions) =
-        let json = JsonObject()
-        json["data"] <- options.Data |> Option.map (fun d -> JsonValue.Create(Path.GetFullPath d) :> JsonNode) |> Option.toObj
-        json["train_ratio"] <- options.TrainRatio
-        json["tokenizer"] <- "gpt2"
-        json["init_from"] <- options.InitFrom |> Option.map (fun d -> JsonValue.Create(Path.GetFullPath d) :> JsonNode) |> Option.toObj
-        json["initialization"] <- (if options.InitFrom.IsNone then JsonValue.Create(string options.Initialization) :> JsonNode else null)
+    /// What a pretraining run's run.json records.
+    type Contents =
+        { Data: string option
+          TrainRatio: float
+          InitFrom: string option
+          Initialization: ModelInitialization
+          Lora: LoraSettings option }
+
+    /// LoRA settings as JSON (null: none).
+    let loraJson (lora: LoraSettings option) : JsonNode =
+        match lora with
+        | None -> null
+        | Some l ->
+            let json = JsonObject()
+            json["rank"] <- l.Rank
+            json["alpha"] <- l.Alpha
+            json["targets"] <- JsonArray(l.Targets |> List.map (fun t -> JsonValue.Create t :> JsonNode) |> Array.ofList)
+            json
+
+    /// LoRA settings back from JSON.
+    let loraOf (node: JsonNode) : LoraSettings option =
+        match node with
+        | null -> None
+        | json ->
+            Some(LoraSettings.create (json["rank"].GetValue<int>()) (Some(json["alpha"].GetValue<float>()))
+                     (Some [ for t in json["targets"].AsArray() -> t.GetValue<string>() ]))
+
+    /// Writes a run.json, atomically.
+    let writeJson (runDirectory: string) (json: JsonObject) =
         json["created_utc"] <- DateTime.UtcNow.ToString("o")
         Directory.CreateDirectory runDirectory |> ignore
         let text = json.ToJsonString(JsonSerializerOptions(WriteIndented = true)) + "\n"
         Metrics.writeAtomically (Path.Combine(runDirectory, fileName)) (fun temporary -> File.WriteAllText(temporary, text))
 
-    /// The run's data source and split; the built-in story and 90/10 when the run has no run.json.
-    let read (runDirectory: string) : string option * float =
+    /// Writes a pretraining run's run.json.
+    let write (runDirectory: string) (options: RunOptions) =
+        let json = JsonObject()
+        json["data"] <- options.Data |> Option.map (fun d -> JsonValue.Create(Path.GetFullPath d) :> JsonNode) |> Option.toObj
+        json["train_ratio"] <- options.TrainRatio
+        json["tokenizer"] <- "gpt2"
+        json["init_from"] <-
+            options.InitFrom |> Option.map (fun d -> JsonValue.Create(if Directory.Exists d || File.Exists d then Path.GetFullPath d else d) :> JsonNode) |> Option.toObj
+        json["initialization"] <- (if options.InitFrom.IsNone then JsonValue.Create(string options.Initialization) :> JsonNode else null)
+        json["lora"] <- loraJson options.Training.Lora
+        writeJson runDirectory json
+
+    /// A pretraining run's run.json; the built-in story, 90/10 and a fresh model when the run has none.
+    let read (runDirectory: string) : Contents =
         let path = Path.Combine(runDirectory, fileName)
-        if not (File.Exists path) then None, Loss.defaultTrainRatio
+        let none = { Data = None; TrainRatio = Loss.defaultTrainRatio; InitFrom = None; Initialization = ModelInitialization.Gpt2; Lora = None }
+        if not (File.Exists path) then none
         else
             try
                 let json = JsonNode.Parse(File.ReadAllText path)
-                let data = match json["data"] with null -> None | node -> Some(node.GetValue<string>())
-                let ratio = match json["train_ratio"] with null -> Loss.defaultTrainRatio | node -> node.GetValue<float>()
-                data, ratio
+                let text (key: string) = match json[key] with null -> None | node -> Some(node.GetValue<string>())
+                { Data = text "data"
+                  TrainRatio = match json["train_ratio"] with null -> Loss.defaultTrainRatio | node -> node.GetValue<float>()
+                  InitFrom = text "init_from"
+                  Initialization = (if text "initialization" = Some "TorchDefaults" then ModelInitialization.TorchDefaults else ModelInitialization.Gpt2)
+                  Lora = loraOf json["lora"] }
             with
             | :? JsonException
             | :? InvalidOperationException
@@ -261,11 +303,13 @@ module RunOptions =
         let state = Checkpoint.read directory
         let stored = TrainerOptions.ofJson state.TrainingOptions
         let runDirectory = runDirectoryOf directory
-        let data, ratio = RunFile.read runDirectory
-        { Data = data; TrainRatio = ratio; Model = Some(Pretrained.parseConfig directory state.ModelConfiguration)
-          Initialization = ModelInitialization.Gpt2; InitFrom = None; ContextLength = Some stored.ContextLength
+        let file = RunFile.read runDirectory
+        // A LoRA run rebuilds its frozen base the way it started; a whole-model run brings its model in the checkpoint.
+        let start, initialization = if file.Lora.IsSome then file.InitFrom, file.Initialization else None, ModelInitialization.Gpt2
+        { Data = file.Data; TrainRatio = file.TrainRatio; Model = Some(Pretrained.parseConfig directory state.ModelConfiguration)
+          Initialization = initialization; InitFrom = start; ContextLength = Some stored.ContextLength
           Stride = Some stored.Stride; SamplePrompt = stored.SamplePrompt; SampleTokens = stored.SampleTokens
-          Training = TrainingSettings.ofTrainerOptions stored runDirectory path }
+          Training = { TrainingSettings.ofTrainerOptions stored runDirectory path with Lora = file.Lora } }
 
     /// The trainer's options for a run with the model's training window and its folder.
     let toTrainerOptions (options: RunOptions) (contextLength: int) (runDirectory: string) : TrainerOptions =
@@ -274,13 +318,16 @@ module RunOptions =
 
     /// Fails on options no run can take (the trainer checks the rest).
     let validate (options: RunOptions) =
-        if options.Training.ResumeFrom.IsSome && options.InitFrom.IsSome then
+        // A LoRA run resumes on the base it started from: its InitFrom stays.
+        if options.Training.ResumeFrom.IsSome && options.InitFrom.IsSome && options.Training.Lora.IsNone then
             Errors.fail "--resume and --init-from do not go together: --resume continues a run with its own model, --init-from starts a new run from a model"
         Errors.require (options.TrainRatio > 0.0 && options.TrainRatio < 1.0)
             "the training ratio must be between 0 and 1 (exclusive), found %g" options.TrainRatio
         TrainingSettings.validate options.Training
+        if options.Training.Lora.IsSome && options.InitFrom.IsNone then
+            Errors.fail "LoRA trains adapters on a pretrained model: give the model to adapt (--init-from)"
         match options.Training.ResumeFrom, options.InitFrom, options.Initialization with
-        | Some _, _, ModelInitialization.TorchDefaults -> Errors.fail "--resume brings its own weights: --init does not apply"
+        | Some _, _, ModelInitialization.TorchDefaults when options.Training.Lora.IsNone -> Errors.fail "--resume brings its own weights: --init does not apply"
         | _, Some _, ModelInitialization.TorchDefaults -> Errors.fail "--init-from brings its own weights: --init does not apply"
         | _ -> ()
         options.Model |> Option.iter GptConfig.validate
@@ -290,6 +337,8 @@ module RunOptions =
 module Run =
     /// The name of the final model's folder in a run directory.
     let modelFolder = "model"
+    /// Where a LoRA run writes its adapters (PEFT's layout), beside the merged model.
+    let adapterFolder = "adapter"
 
     /// The smallest number of tokens that gives both splits one window of contextLength tokens (plus the target
     /// token after it).
@@ -333,24 +382,46 @@ module Run =
             Errors.fail "'%s' already holds a run: resume it (--resume %s) or choose another name" runDirectory runDirectory
         runDirectory
 
-    /// The run folder and the model a run starts from: a checkpoint's (resume), a pretrained one, or a fresh one.
+    /// The model a new run starts from: a pretrained one or a fresh one.
+    let private startingModel (options: RunOptions) : GptModel =
+        let config = options.Model |> Option.defaultValue RunOptions.defaultModel
+        match options.InitFrom, options.Initialization with
+        | Some init, _ -> ModelSource.load init
+        | None, ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed)
+        | None, ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed)
+
+    /// The run folder and the model a run starts from: a checkpoint's (resume; a LoRA checkpoint holds only the
+    /// adapters, so its base is rebuilt as it started), a pretrained one, or a fresh one.
     let private prepareModel (options: RunOptions) : string * string option * GptModel =
         match options.Training.ResumeFrom with
         | Some resume ->
             let checkpoint, runDirectory = resumedDirectory options.Training resume
-            let model = Checkpoint.loadGpt checkpoint
+            let model = if Checkpoint.holdsWholeModel checkpoint then Checkpoint.loadGpt checkpoint else startingModel options
             checkShape "--resume" "the run" options model
             runDirectory, Some checkpoint, model
         | None ->
             let runDirectory = freshDirectory options.Training
-            let config = options.Model |> Option.defaultValue RunOptions.defaultModel
-            let model =
-                match options.InitFrom, options.Initialization with
-                | Some init, _ -> ModelSource.load init
-                | None, ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed)
-                | None, ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed)
+            let model = startingModel options
             if options.InitFrom.IsSome then checkShape "--init-from" "the model" options model
             runDirectory, None, model
+
+    /// Attaches a run's adapters and freezes the base (LoRA); nothing without LoRA settings.
+    let attachAdapters (settings: TrainingSettings) (model: GptModel) =
+        settings.Lora |> Option.iter (fun lora -> Lora.attach lora (int64 settings.Seed) model |> ignore)
+
+    /// Writes the final model of a run into <run>/model (merged when it has adapters, which go to <run>/adapter in
+    /// PEFT's layout) and returns the model folder.
+    let saveModel (runDirectory: string) (settings: TrainingSettings) (baseModel: string option) (model: GptModel) =
+        let directory = Path.Combine(runDirectory, modelFolder)
+        model.eval ()
+        match settings.Lora with
+        | None -> Pretrained.save directory model
+        | Some lora ->
+            AdapterFiles.save (Path.Combine(runDirectory, adapterFolder))
+                { Settings = lora; BaseModel = baseModel; ModulesToSave = []; TaskType = "CAUSAL_LM" } model []
+            use merged = Lora.merged model
+            Pretrained.save directory merged
+        directory
 
     /// The text of a run as token ids, checked to give both splits a window.
     let private tokens (options: RunOptions) (documents: Corpus.Document[]) (tokenizer: ITokenizer) (contextLength: int) =
@@ -418,6 +489,8 @@ module Run =
         let documents = options.Data |> Option.map Corpus.load |> Option.defaultWith (fun () -> [| Corpus.builtIn.Value |])
         let runDirectory, resumeFrom, model = prepareModel options
         use model = model
+        attachAdapters options.Training model
+        if options.Training.Lora.IsSome then Lora.freezeBase (fun _ -> false) model |> ignore
         let config = model.Config
         let contextLength = options.ContextLength |> Option.defaultValue config.ContextLength
         if contextLength < 1 || contextLength > config.ContextLength then
@@ -433,9 +506,7 @@ module Run =
         let modelDirectory =
             if trained.Steps = 0 then None
             else
-                let directory = Path.Combine(runDirectory, modelFolder)
-                model.eval ()
-                Pretrained.save directory model
+                let directory = saveModel runDirectory options.Training options.InitFrom model
                 modelSaved directory
                 Some directory
         resultOf trained (latest ()).Elapsed runDirectory modelDirectory
