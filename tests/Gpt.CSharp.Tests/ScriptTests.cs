@@ -59,4 +59,28 @@ public class ScriptTests
         Assert.Contains("wrote accuracy.png, checkpoints, loss.png, metrics.jsonl, model, run.json", output);
         Assert.Contains("fine-tuned: You have won a free cruise", output);
     }
+
+    [Fact]
+    public void Chapter7Script()
+    {
+        var (code, output) = RunScript("ch07-instructions.fsx");
+        Assert.True(code == 0, output);
+        Assert.Contains("1100 entries, e.g.:", output);
+        Assert.Contains("### Response:", output);
+        Assert.Contains("-100 targets per row: [|2L; 1L; 0L|]", output);
+        Assert.Contains("wrote checkpoints, loss.png, metrics.jsonl, model, run.json, test-responses.json", output);
+        Assert.Contains("on 55 test entries", output);
+    }
+
+    [Fact]
+    public void AppendixEScript()
+    {
+        var (code, output) = RunScript("appendix-e-lora.fsx");
+        Assert.True(code == 0, output);
+        Assert.Contains("gpt2-small, rank 16: 2359296 trainable LoRA parameters", output);
+        Assert.Contains("8 adapters attached; logits unchanged: true", output);
+        Assert.Contains("training 33024 of 6878336 parameters", output);
+        Assert.Contains("adapter: adapter_config.json, adapter_model.safetensors, classifier_config.json", output);
+        Assert.DoesNotContain("the merged model agrees: false", output);
+    }
 }
