@@ -81,6 +81,10 @@ module TrainBench =
 
     type TrainResult =
         { Preset: string
+          /// The LoRA rank of the adapters trained on the frozen model (None: every parameter trains).
+          LoraRank: int option
+          /// Parameters the optimizer updates.
+          TrainableParameters: int64
           BatchSize: int
           SequenceLength: int
           Parameters: int64
@@ -152,7 +156,8 @@ module TrainBench =
 
     /// Trains a fresh model of the preset (seeded) for `warmup` untimed and `steps` timed steps on built-in-story
     /// tokens, with AdamW (the book's settings: lr 4e-4, weight decay 0.1 on the matrices).
-    let run (preset: Preset) (warmup: int) (steps: int) (seed: int) : TrainResult =
+    /// Steps of a preset's model; with LoRA settings, adapters train on the frozen model (appendix E).
+    let run (preset: Preset) (lora: LoraSettings option) (warmup: int) (steps: int) (seed: int) : TrainResult =
         Errors.require (warmup >= 0) "warm-up steps must not be negative, found %d" warmup
         Errors.require (steps > 0) "timed steps must be positive, found %d" steps
         // Each part of a suite run in one process reports its own peak: what earlier parts freed is given back first.
@@ -163,6 +168,9 @@ module TrainBench =
         let matmulBefore = MachineBench.matmulGflops 1024 50
         use model = new GptModel(preset.Config, int64 seed)
         model.train ()
+        lora |> Option.iter (fun settings ->
+            Lora.attach settings (int64 seed) model |> ignore
+            Lora.freezeBase (fun _ -> false) model |> ignore)
         use optimizer = Optimizer.adamW Optimizer.defaults model
         let batches = storyBatches seed preset.BatchSize preset.SequenceLength (warmup + steps)
         let losses = ResizeArray<float>()
@@ -183,14 +191,20 @@ module TrainBench =
         let matmul = max matmulBefore (MachineBench.matmulGflops 1024 50)
         let stepSeconds = Measure.median stepTimes
         let tokensPerSecond = float (preset.BatchSize * preset.SequenceLength) / stepSeconds
+        // A frozen matrix needs no weight gradient: 4·N instead of 6·N (the adapters' own products are negligible).
+        let flops =
+            flopsPerToken preset.Config preset.SequenceLength
+            - (if lora.IsSome then 2.0 * float (matrixParameterCount preset.Config) else 0.0)
         { Preset = preset.Name
+          LoraRank = lora |> Option.map _.Rank
+          TrainableParameters = Optimizer.trainable model |> Array.sumBy (fun (_, p) -> p.numel ())
           BatchSize = preset.BatchSize
           SequenceLength = preset.SequenceLength
           Parameters = model.ParameterCount
           MatrixParameters = matrixParameterCount preset.Config
-          FlopsPerToken = flopsPerToken preset.Config preset.SequenceLength
+          FlopsPerToken = flops
           TokensPerSecond = tokensPerSecond
-          Mfu = mfu preset.Config preset.SequenceLength tokensPerSecond matmul
+          Mfu = tokensPerSecond * flops / (matmul * 1e9)
           MatmulGflops = matmul
           PeakRssMb = peak
           StepSeconds = stepSeconds

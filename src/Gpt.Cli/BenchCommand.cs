@@ -119,16 +119,21 @@ internal static class BenchCommand
         };
         var warmup = new Option<int>("--warmup") { Description = "Untimed steps first.", DefaultValueFactory = _ => 2 };
         var steps = new Option<int>("--steps") { Description = "Timed steps (the median is reported).", DefaultValueFactory = _ => 5 };
+        var loraRank = new Option<int?>("--lora-rank") { Description = "Train LoRA adapters of this rank (every map of the blocks) on the frozen model instead of every weight." };
         var command = Part(context, "train",
             "Training speed: tokens/s, model FLOPs utilisation (MFU) against this machine's matmul speed, peak RSS, where a step's time goes.",
             parse =>
             {
-                var r = TrainBench.run(TrainBench.preset(parse.GetValue(preset)!), parse.GetValue(warmup), parse.GetValue(steps), 123);
+                var lora = parse.GetValue(loraRank) is { } rank
+                    ? Microsoft.FSharp.Core.FSharpOption<Gpt.Model.LoraSettings>.Some(Gpt.Model.LoraSettingsModule.create(rank, null, null))
+                    : null;
+                var r = TrainBench.run(TrainBench.preset(parse.GetValue(preset)!), lora, parse.GetValue(warmup), parse.GetValue(steps), 123);
                 var b = r.Breakdown;
                 return new JsonObject
                 {
                     ["tokens_per_s"] = Math.Round(r.TokensPerSecond, 1), ["mfu"] = Math.Round(r.Mfu, 4), ["peak_rss_mb"] = Math.Round(r.PeakRssMb),
-                    ["preset"] = r.Preset, ["batch_size"] = r.BatchSize, ["sequence_length"] = r.SequenceLength,
+                    ["preset"] = r.Preset, ["lora_rank"] = r.LoraRank is { } loraRankUsed ? loraRankUsed.Value : null,
+                    ["trainable_parameters"] = r.TrainableParameters, ["batch_size"] = r.BatchSize, ["sequence_length"] = r.SequenceLength,
                     ["parameters"] = r.Parameters, ["matrix_parameters"] = r.MatrixParameters, ["flops_per_token"] = r.FlopsPerToken,
                     ["matmul_gflops"] = Math.Round(r.MatmulGflops, 1), ["step_s"] = Math.Round(r.StepSeconds, 4),
                     ["step_times_s"] = new JsonArray(r.StepTimes.Select(t => (JsonNode)Math.Round(t, 4)).ToArray()),
@@ -144,6 +149,7 @@ internal static class BenchCommand
                 };
             });
         command.Add(preset);
+        command.Add(loraRank);
         command.Add(warmup);
         command.Add(steps);
         return command;
