@@ -74,7 +74,7 @@ printfn "wrote %s" (String.Join(", ", Directory.GetFileSystemEntries result.Run.
 // (model/). The base plus the adapter is the classifier:
 let adapter = Path.Combine(result.Run.RunDirectory, Run.adapterFolder)
 printfn "adapter: %s" (String.Join(", ", Directory.GetFiles adapter |> Array.map Path.GetFileName |> Array.sort))
-let fromAdapter = AdapterFiles.loadClassifier None adapter
+let fromAdapter = AdapterLoading.classifier false None adapter
 let saved = ClassifierFiles.load result.Run.ModelDirectory.Value
 // Two texts of the test split (the run's seeded 70/10/20 split), one of each label.
 let _, _, testTexts = ClassificationData.split options.Training.Seed 0.7 0.1 ClassificationData.builtIn.Value

@@ -2,72 +2,101 @@ using Gpt.Model;
 using Gpt.Weights;
 using Microsoft.FSharp.Collections;
 using Microsoft.FSharp.Core;
+using FAdapter = Gpt.Weights.Adapter;
+using FAdapterModule = Gpt.Weights.AdapterModule;
 
 namespace Gpt;
 
-/// <summary>What an adapter folder's <c>adapter_config.json</c> says (Hugging Face PEFT's LoRA layout).</summary>
-/// <param name="Rank">r, the rank of each update B·A.</param>
-/// <param name="Alpha">PEFT's <c>lora_alpha</c>: updates are scaled by Alpha / Rank.</param>
-/// <param name="Targets">The adapted maps, in canonical names (<c>attn.c_attn</c>, <c>attn.c_proj</c>,
-/// <c>mlp.c_fc</c>, <c>mlp.c_proj</c>, <c>lm_head</c>).</param>
-/// <param name="BaseModel">The base model it adapts (<c>base_model_name_or_path</c>), or null.</param>
-/// <param name="TaskType">PEFT's task type: <c>CAUSAL_LM</c> (a language model) or <c>SEQ_CLS</c> (a classifier).</param>
-/// <param name="ModulesToSave">Modules stored in full beside the adapters (a classifier's <c>score</c>).</param>
-public sealed record AdapterInfo(int Rank, double Alpha, IReadOnlyList<string> Targets, string? BaseModel, string TaskType,
-    IReadOnlyList<string> ModulesToSave)
+/// <summary>A LoRA adapter (the book's appendix E) in Hugging Face PEFT's layout: a folder with
+/// <c>adapter_config.json</c> and <c>adapter_model.safetensors</c> (and, for a classifier, <c>classifier_config.json</c>),
+/// as a run with <see cref="RunSettings.LoraRank"/> writes to <c>runs/NAME/adapter</c>. A base model plus an adapter is
+/// a model: apply it (unmerged: W x + (alpha / r) · B A x) or merge it (W + (alpha / r) · B A). Owns native memory:
+/// dispose it.</summary>
+public sealed class Adapter : IDisposable
 {
+    private readonly FAdapter _inner;
+
+    private Adapter(FAdapter inner) => _inner = inner;
+
+    /// <summary>Reads an adapter folder, checking its tensors against its configuration.</summary>
+    /// <exception cref="GptException">A missing folder or file, a configuration that is not LoRA, another rank in the
+    /// file than in the configuration, tensors for maps the targets do not name.</exception>
+    public static Adapter Load(string directory) =>
+        new(FAdapterModule.read(directory ?? throw new ArgumentNullException(nameof(directory))));
+
+    /// <summary>Writes the adapter folder, each file under a temporary name and then renamed.</summary>
+    public void Save(string directory) => FAdapterModule.write(directory ?? throw new ArgumentNullException(nameof(directory)), _inner);
+
+    /// <summary>r, the rank of each update B·A.</summary>
+    public int Rank => _inner.Settings.Rank;
+
+    /// <summary>PEFT's <c>lora_alpha</c>: updates are scaled by Alpha / Rank.</summary>
+    public double Alpha => _inner.Settings.Alpha;
+
+    /// <summary>The adapted maps, in canonical names (<c>attn.c_attn</c>, <c>attn.c_proj</c>, <c>mlp.c_fc</c>,
+    /// <c>mlp.c_proj</c>, <c>lm_head</c>).</summary>
+    public IReadOnlyList<string> Targets => _inner.Settings.Targets.ToArray();
+
+    /// <summary>The base model it adapts (<c>base_model_name_or_path</c>), or null.</summary>
+    public string? BaseModel => Options.ToObject(_inner.Config.BaseModel);
+
+    /// <summary>PEFT's task type: <c>CAUSAL_LM</c> (a language model) or <c>SEQ_CLS</c> (a classifier).</summary>
+    public string TaskType => _inner.Config.TaskType;
+
+    /// <summary>Modules stored in full beside the adapters (a classifier's <c>score</c>).</summary>
+    public IReadOnlyList<string> ModulesToSave => _inner.Config.ModulesToSave.ToArray();
+
     /// <summary>Whether the adapter belongs to a classifier.</summary>
-    public bool IsClassifier => TaskType == "SEQ_CLS";
-}
+    public bool IsClassifier => _inner.IsClassifier;
 
-/// <summary>LoRA adapters (the book's appendix E) in Hugging Face PEFT's layout: a folder with
-/// <c>adapter_config.json</c> and <c>adapter_model.safetensors</c>, as <c>gpt train</c> / <c>gpt finetune</c> with
-/// <see cref="RunSettings.LoraRank"/> write to <c>runs/NAME/adapter</c>. A base model plus an adapter is a model: load
-/// it merged, or write the merged weights as a plain model folder.</summary>
-public static class LoraAdapters
-{
-    /// <summary>Reads an adapter folder's configuration.</summary>
-    /// <exception cref="GptException">A missing or malformed <c>adapter_config.json</c>, or an adapter that is not LoRA.</exception>
-    public static AdapterInfo ReadInfo(string directory)
+    /// <summary>The numbers it holds: rank × (in + out) per adapted map, plus modules trained in full.</summary>
+    public long ParameterCount => _inner.ParameterCount;
+
+    /// <summary>A new model: <paramref name="baseModel"/> with this adapter merged into its weights (the base is left
+    /// as it is).</summary>
+    public GptModel Merge(GptModel baseModel)
     {
-        ArgumentNullException.ThrowIfNull(directory);
-        var config = AdapterFiles.readConfig(Path.Combine(directory, AdapterFiles.configFileName));
-        return new AdapterInfo(config.Settings.Rank, config.Settings.Alpha, config.Settings.Targets.ToArray(),
-            Options.ToObject(config.BaseModel), config.TaskType, config.ModulesToSave.ToArray());
+        ArgumentNullException.ThrowIfNull(baseModel);
+        if (IsClassifier) throw new GptException("this adapter is a classifier's (task SEQ_CLS): load it with Adapter.LoadClassifier");
+        return new GptModel(FAdapterModule.merge(_inner, baseModel.Inner));
     }
 
-    /// <summary>A language model with an adapter merged into it. <paramref name="baseModel"/>: any model source
-    /// <see cref="GptModel.Load(string)"/> takes; null: the adapter's own <c>base_model_name_or_path</c>.</summary>
-    public static GptModel LoadModel(string adapterDirectory, string? baseModel = null)
+    /// <summary>A language model with an adapter: <paramref name="baseModel"/> (any source <see cref="GptModel.Load(string)"/>
+    /// takes; null: the adapter's own <c>base_model_name_or_path</c>) with the adapter applied, unmerged, or merged
+    /// into its weights (the same results, a little faster).</summary>
+    public static GptModel LoadModel(string adapterDirectory, string? baseModel = null, bool merge = false)
     {
         ArgumentNullException.ThrowIfNull(adapterDirectory);
-        return new GptModel(AdapterFiles.loadMerged(Options.SomeObject(baseModel), adapterDirectory));
+        return new GptModel(AdapterLoading.model(merge, Options.SomeObject(baseModel), adapterDirectory));
     }
 
-    /// <summary>A classifier with an adapter merged into it: the base is a saved classifier, or a language model
-    /// (the labels then come from the adapter's <c>classifier_config.json</c>).</summary>
-    public static TextClassifier LoadClassifier(string adapterDirectory, string? baseModel = null)
+    /// <summary>A classifier with an adapter: the base is a saved classifier, or a language model (the labels then
+    /// come from the adapter's <c>classifier_config.json</c>); unmerged or merged.</summary>
+    public static TextClassifier LoadClassifier(string adapterDirectory, string? baseModel = null, bool merge = false)
     {
         ArgumentNullException.ThrowIfNull(adapterDirectory);
-        return TextClassifier.Wrap(AdapterFiles.loadClassifier(Options.SomeObject(baseModel), adapterDirectory));
+        return TextClassifier.Wrap(AdapterLoading.classifier(merge, Options.SomeObject(baseModel), adapterDirectory));
     }
 
     /// <summary>Writes the base with the adapter merged in as a plain model folder (a classifier's when the adapter
-    /// is one), atomically. Returns true when it wrote a classifier.</summary>
+    /// or the base is one), atomically. Returns true when it wrote a classifier.</summary>
     public static bool Merge(string adapterDirectory, string outputDirectory, string? baseModel = null)
     {
         ArgumentNullException.ThrowIfNull(adapterDirectory);
         ArgumentNullException.ThrowIfNull(outputDirectory);
-        return AdapterFiles.merge(Options.SomeObject(baseModel), adapterDirectory, outputDirectory);
+        return AdapterLoading.merge(Options.SomeObject(baseModel), adapterDirectory, outputDirectory);
     }
 
     /// <summary>The trainable parameters LoRA adds to a model of this shape: rank × (in + out) for every adapted map
     /// (<paramref name="targets"/> null: every map of the blocks).</summary>
-    public static long ParameterCount(GptConfiguration configuration, int rank, IReadOnlyList<string>? targets = null)
+    public static long CountParameters(GptConfiguration configuration, int rank, IReadOnlyList<string>? targets = null)
     {
         ArgumentNullException.ThrowIfNull(configuration);
         var settings = LoraSettingsModule.create(rank, FSharpOption<double>.None,
             targets is null ? FSharpOption<FSharpList<string>>.None : FSharpOption<FSharpList<string>>.Some(ListModule.OfSeq(targets)));
         return LoraSettingsModule.parameterCount(settings, configuration.ToFSharp());
     }
+
+    /// <inheritdoc />
+    public void Dispose() => ((IDisposable)_inner).Dispose();
 }

@@ -133,10 +133,10 @@ public sealed class InstructionModel : IDisposable
     /// <summary>Loads a model (any source <see cref="GptModel.Load(string)"/> takes) to answer in a prompt style.</summary>
     public static InstructionModel Load(string source, PromptStyle style = PromptStyle.Alpaca) => new(GptModel.Load(source), style);
 
-    /// <summary>Loads a base model with a LoRA adapter merged into it (<see cref="LoraAdapters.LoadModel"/>;
+    /// <summary>Loads a base model with a LoRA adapter applied (<see cref="Adapter.LoadModel"/>;
     /// <paramref name="baseModel"/> null: the adapter's own base).</summary>
     public static InstructionModel LoadWithAdapter(string adapterDirectory, string? baseModel = null, PromptStyle style = PromptStyle.Alpaca) =>
-        new(LoraAdapters.LoadModel(adapterDirectory, baseModel), style);
+        new(Adapter.LoadModel(adapterDirectory, baseModel), style);
 
     /// <summary>The prompt style.</summary>
     public PromptStyle Style { get; }

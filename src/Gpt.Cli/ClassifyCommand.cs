@@ -24,7 +24,7 @@ internal static class ClassifyCommand
             var inputs = given.Length > 0 ? given : ReadJsonLines(context);
             if (inputs.Count == 0) throw new GptException("no text to classify: pass --text \"...\" or JSON Lines {\"text\": ...} on standard input");
             using var classifier = parse.GetValue(adapter) is { } adapterDirectory
-                ? LoraAdapters.LoadClassifier(adapterDirectory, parse.GetValue(modelPath))
+                ? Adapter.LoadClassifier(adapterDirectory, parse.GetValue(modelPath))
                 : TextClassifier.Load(parse.GetValue(modelPath) ?? throw new GptException("no classifier: pass --model (a classifier folder) or --adapter"));
             var json = parse.GetValue(format) == "json";
             foreach (var p in classifier.ClassifyBatch(inputs))

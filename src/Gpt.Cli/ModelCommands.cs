@@ -105,9 +105,9 @@ internal static class ModelCommands
         };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
-            var info = LoraAdapters.ReadInfo(parse.GetValue(adapter)!);
+            using var info = Adapter.Load(parse.GetValue(adapter)!);
             var outDirectory = Path.GetFullPath(parse.GetValue(output)!);
-            var classifier = LoraAdapters.Merge(parse.GetValue(adapter)!, outDirectory, parse.GetValue(modelPath));
+            var classifier = Adapter.Merge(parse.GetValue(adapter)!, outDirectory, parse.GetValue(modelPath));
             Commands.Print(context, parse.GetValue(format)!, new System.Text.Json.Nodes.JsonObject
             {
                 ["path"] = outDirectory, ["kind"] = classifier ? "classifier" : "language model", ["rank"] = info.Rank,
@@ -179,14 +179,14 @@ internal static class ModelCommands
     internal static Option<string?> AdapterOption() =>
         new("--adapter")
         {
-            Description = "A LoRA adapter folder (PEFT's layout, as a run with --lora-rank writes to OUT/NAME/adapter), merged into --model " +
-                          "(default: the base the adapter names) on loading.",
+            Description = "A LoRA adapter folder (PEFT's layout, as a run with --lora-rank writes to OUT/NAME/adapter), applied to --model " +
+                          "(default: the base the adapter names); gpt merge writes the two as one model.",
         };
 
     /// <summary>Loads any model source, showing downloads on standard error; with an adapter, merged.</summary>
     internal static GptModel LoadModel(CliContext context, string? source, string? adapter = null)
     {
-        if (adapter is not null) return LoraAdapters.LoadModel(adapter, source);
+        if (adapter is not null) return Adapter.LoadModel(adapter, source);
         if (source is null) throw new GptException("no model: pass --model (a folder, a .pth file or a Hugging Face id)");
         return GptModel.Load(source, DownloadProgressBar.For(context), context.Cancellation);
     }

@@ -28,12 +28,11 @@ let private fixtureExamples () =
 /// The fixture's base classifier with an adapter folder attached, unmerged (as the book runs it), and its head.
 let private adapted (pooling: Pooling) (adapter: string) =
     let classifier = ClassifierFiles.loadWith (Some pooling) (fixture "classifier/initial")
-    let _, extra = AdapterFiles.load (fixture adapter) classifier.Body
-    for name, tensor in extra do
-        Expect.equal name "score.weight" "the head is the one module saved in full"
-        use _ = torch.no_grad ()
-        classifier.Score.weight.copy_ tensor |> ignore
-        tensor.Dispose()
+    use loaded = Adapter.read (fixture adapter)
+    let extra = Adapter.applyTo loaded classifier.Body
+    Expect.equal (extra |> List.map fst) [ "score.weight" ] "the head is the one module saved in full"
+    use _ = torch.no_grad ()
+    classifier.Score.weight.copy_ (snd extra.Head) |> ignore
     classifier
 
 /// Each example alone, unpadded: the last token's label logits (10, 2).
@@ -74,7 +73,7 @@ let fixtureTests =
             use delta = noGrad (fun () -> fc.B.matmul(fc.A).mul(torch.tensor (float32 fc.Scale)).t())
             expectClose 1e-6 delta reference["merged_delta_c_fc_0"] "merged update of h.0.mlp.c_fc"
             // The adapter's own base path (relative to the adapter folder), merged.
-            use merged = AdapterFiles.loadClassifier None (fixture "lora/adapter")
+            use merged = AdapterLoading.classifier true None (fixture "lora/adapter")
             Expect.isEmpty (Lora.adapters merged.Body) "merged: plain weights"
             use mergedLogits = aloneLogits merged
             expectClose 1e-5 mergedLogits reference["last_token_logits"] "merged classifier"
@@ -111,7 +110,8 @@ let fixtureTests =
             for KeyValue(name, tensor) in initial.state_dict () do
                 if not (name.StartsWith "score.") then expectEqual after[name] tensor (sprintf "frozen %s" name)
             use temp = new TempDir()
-            AdapterFiles.saveClassifier temp.Path (AdapterFiles.readConfig (fixture "lora/adapter/adapter_config.json")).Settings None classifier
+            (use trainedAdapter = Adapter.ofClassifier (AdapterFiles.readConfig (fixture "lora/adapter/adapter_config.json")).Settings None classifier
+             Adapter.write temp.Path trainedAdapter)
             let ours = Safetensors.read (Path.Combine(temp.Path, AdapterFiles.weightsFileName))
             let book = Safetensors.read (fixture "lora/trained/adapter_model.safetensors")
             Expect.equal (ours.Keys |> Set.ofSeq) (book.Keys |> Set.ofSeq) "PEFT's key names"
@@ -155,7 +155,8 @@ let modelTests =
             let settings = LoraSettings.create 2 None None
             Lora.attach settings 1L model |> ignore
             perturb 60 model
-            AdapterFiles.save temp.Path { Settings = settings; BaseModel = Some "base"; ModulesToSave = []; TaskType = "CAUSAL_LM" } model []
+            (use adapter = Adapter.ofModel { Settings = settings; BaseModel = Some "base"; ModulesToSave = []; TaskType = "CAUSAL_LM" } model [] None
+             Adapter.write temp.Path adapter)
             let names = Safetensors.read (Path.Combine(temp.Path, AdapterFiles.weightsFileName)) |> Map.toList |> List.map fst
             Expect.contains names "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" "PEFT's names"
             Expect.contains names "base_model.model.transformer.h.1.mlp.c_proj.lora_B.weight" "PEFT's names"
@@ -163,7 +164,8 @@ let modelTests =
             Expect.equal (json.GetProperty("peft_type").GetString(), json.GetProperty("r").GetInt32(), json.GetProperty("lora_alpha").GetDouble()) ("LORA", 2, 4.0) "config"
             Expect.isTrue (json.GetProperty("fan_in_fan_out").GetBoolean()) "Conv1D maps"
             use fresh = smallModel 6L
-            AdapterFiles.load temp.Path fresh |> ignore
+            (use adapter = Adapter.read temp.Path
+             Adapter.applyTo adapter fresh |> ignore)
             use ids = randomIds 3 model.Config.VocabSize 1 9
             use expected = noGrad (fun () -> model.eval (); model.forward ids)
             use actual = noGrad (fun () -> fresh.eval (); fresh.forward ids)
@@ -188,15 +190,25 @@ let modelTests =
             use temp = new TempDir()
             use model = smallModel 1L
             Lora.attach (LoraSettings.create 4 None None) 0L model |> ignore
-            AdapterFiles.save temp.Path { Settings = LoraSettings.create 4 None None; BaseModel = None; ModulesToSave = []; TaskType = "CAUSAL_LM" } model []
+            (use adapter = Adapter.ofModel { Settings = LoraSettings.create 4 None None; BaseModel = None; ModulesToSave = []; TaskType = "CAUSAL_LM" } model [] None
+             Adapter.write temp.Path adapter)
             let config = Path.Combine(temp.Path, AdapterFiles.configFileName)
             File.WriteAllText(config, File.ReadAllText(config).Replace("\"r\": 4", "\"r\": 8"))
             use other = smallModel 1L
-            throwsGpt [ "lora_A"; "[8, 32]"; "[4, 32]" ] (fun () -> AdapterFiles.load temp.Path other |> ignore) "rank that does not match the tensors"
-            throwsGpt [ "names no base model" ] (fun () -> (AdapterFiles.loadMerged None temp.Path).Dispose()) "no base"
+            throwsGpt [ "lora_A"; "rank 4, but the config says r = 8" ] (fun () -> (Adapter.read temp.Path :> IDisposable).Dispose()) "rank that does not match the tensors"
+            File.WriteAllText(config, File.ReadAllText(config).Replace("\"r\": 8", "\"r\": 4"))
+            use bigger = new GptModel({ GptConfig.gpt2Small with ContextLength = 16; EmbeddingDim = 64; Heads = 4; Layers = 2; TiedHead = false }, 1L)
+            (use adapter = Adapter.read temp.Path
+             throwsGpt [ "lora_A"; "[4, 32]"; "needs [4, 64]" ] (fun () -> Adapter.applyTo adapter bigger |> ignore) "another model's shapes"
+             use deeper = new GptModel({ GptConfig.gpt2Small with ContextLength = 16; EmbeddingDim = 32; Heads = 4; Layers = 1; TiedHead = false }, 1L)
+             throwsGpt [ "h.1."; "does not have" ] (fun () -> Adapter.applyTo adapter deeper |> ignore) "more layers than the model")
+            throwsGpt [ "names no base model" ] (fun () -> (AdapterLoading.model false None temp.Path).Dispose()) "no base"
+            let narrowed = File.ReadAllText(config).Replace("\"mlp.c_proj\"", "\"mlp.c_fc\"")
+            File.WriteAllText(config, narrowed)
+            throwsGpt [ "mlp.c_proj"; "target_modules" ] (fun () -> (Adapter.read temp.Path :> IDisposable).Dispose()) "a module the config does not name"
             File.WriteAllText(config, File.ReadAllText(config).Replace("\"LORA\"", "\"IA3\""))
             throwsGpt [ "peft_type"; "LORA" ] (fun () -> AdapterFiles.readConfig config |> ignore) "not LoRA"
-            throwsGpt [ "does not exist" ] (fun () -> AdapterFiles.load (temp.File "missing") other |> ignore) "missing folder"
+            throwsGpt [ "does not exist" ] (fun () -> (Adapter.read (temp.File "missing") :> IDisposable).Dispose()) "missing folder"
     ]
 
 [<Tests>]
@@ -233,7 +245,10 @@ let runTests =
             Expect.isTrue (a |> Seq.exists (fun (KeyValue(name, t)) -> name.EndsWith "lora_B.weight" && t.abs().max().item<float32> () > 0.0f)) "B trained"
             // The base on disk is untouched; the merged model equals the base with the adapter.
             use base' = Pretrained.load baseModel
-            use withAdapter = AdapterFiles.loadMerged None (Path.Combine(straight.RunDirectory, Run.adapterFolder))
+            use withAdapter = AdapterLoading.model true None (Path.Combine(straight.RunDirectory, Run.adapterFolder))
+            use unmerged = AdapterLoading.model false None (Path.Combine(straight.RunDirectory, Run.adapterFolder))
+            use ids = randomIds 4 50257 1 8
+            expectClose 1e-5 (noGrad (fun () -> unmerged.forward ids)) (noGrad (fun () -> withAdapter.forward ids)) "unmerged = merged"
             use merged = Pretrained.load straight.ModelDirectory.Value
             Expect.isTrue (sameWeights merged withAdapter) "model/ = base + adapter/"
             Expect.isFalse (sameWeights merged base') "the adapter changed the model"
@@ -254,7 +269,7 @@ let runTests =
             Expect.isTrue (File.Exists(Path.Combine(adapter, AdapterFiles.classifierFileName))) "labels beside the adapter"
             Expect.equal (AdapterFiles.readConfig (Path.Combine(adapter, AdapterFiles.configFileName))).TaskType "SEQ_CLS" "task"
             Expect.equal (Classification.fromCheckpoint result.Run.RunDirectory).Training.Lora options.Training.Lora "run.json keeps LoRA"
-            use fromAdapter = AdapterFiles.loadClassifier None adapter
+            use fromAdapter = AdapterLoading.classifier true None adapter
             use saved = ClassifierFiles.load result.Run.ModelDirectory.Value
             Expect.isTrue (sameWeights fromAdapter saved) "base + adapter = model/"
             use original = Pretrained.load baseModel

@@ -345,7 +345,8 @@ module Classification =
                 match options.Training.Lora with
                 | Some lora ->
                     let baseModel = if Directory.Exists options.Model || File.Exists options.Model then Path.GetFullPath options.Model else options.Model
-                    AdapterFiles.saveClassifier (Path.Combine(runDirectory, Run.adapterFolder)) lora (Some baseModel) classifier
+                    use adapter = Adapter.ofClassifier lora (Some baseModel) classifier
+                    Adapter.write (Path.Combine(runDirectory, Run.adapterFolder)) adapter
                     use merged = Lora.mergedClassifier classifier
                     ClassifierFiles.save directory merged
                 | None -> ClassifierFiles.save directory classifier

@@ -44,11 +44,12 @@ module LoraSettings =
         Errors.require (not targets.IsEmpty) "no LoRA target given"
         { Rank = rank; Alpha = alpha; Targets = targets }
 
-    /// LoRA settings from the options of a run: none without a rank; alpha or targets without a rank is a mistake.
+    /// LoRA settings from the options of a run: none without a rank (or rank 0); alpha or targets without a rank is a
+    /// mistake.
     let ofOptions (rank: int option) (alpha: float option) (targets: string list option) =
         match rank with
-        | Some rank -> Some(create rank alpha targets)
-        | None ->
+        | Some rank when rank <> 0 -> Some(create rank alpha targets)
+        | _ ->
             if alpha.IsSome then Errors.fail "a LoRA alpha was given without a LoRA rank: give the rank too (--lora-rank)"
             if targets.IsSome then Errors.fail "LoRA targets were given without a LoRA rank: give the rank too (--lora-rank)"
             None
@@ -79,6 +80,12 @@ module Lora =
 
     let private join (path: string) (name: string) = if path = "" then name else path + "." + name
     let private kind (group: string) (name: string) = if group = "" then name else group + "." + name
+
+    /// The maps of a model that can hold adapters: path ("h.0.attn.c_attn", "lm_head"), canonical target
+    /// ("attn.c_attn"), in and out features.
+    let maps (model: GptModel) : (string * string * int * int) list =
+        [ for path, group, owner in owners model do
+              for name, inFeatures, outFeatures in owner.Maps -> join path name, kind group name, inFeatures, outFeatures ]
 
     /// The adapters a model holds, by the path of the map they adapt ("h.0.attn.c_attn", "lm_head").
     let adapters (model: GptModel) : (string * LoraAdapter) list =

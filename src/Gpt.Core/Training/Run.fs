@@ -417,8 +417,8 @@ module Run =
         match settings.Lora with
         | None -> Pretrained.save directory model
         | Some lora ->
-            AdapterFiles.save (Path.Combine(runDirectory, adapterFolder))
-                { Settings = lora; BaseModel = baseModel; ModulesToSave = []; TaskType = "CAUSAL_LM" } model []
+            use adapter = Adapter.ofModel { Settings = lora; BaseModel = baseModel; ModulesToSave = []; TaskType = "CAUSAL_LM" } model [] None
+            Adapter.write (Path.Combine(runDirectory, adapterFolder)) adapter
             use merged = Lora.merged model
             Pretrained.save directory merged
         directory
