@@ -45,6 +45,22 @@ public class PackageTests(ITestOutputHelper log)
         return (process.ExitCode, stdout + stderr.Result);
     }
 
+    /// <summary>LICENSE (MIT) and the packages' metadata say the same: the licence expression, the copyright line, and
+    /// LICENSE packed beside README.md.</summary>
+    [Fact]
+    public void TheLicenceAndThePackageMetadataAgree()
+    {
+        var props = File.ReadAllText(Path.Combine(Fixtures.Root, "Directory.Build.props"));
+        var licence = File.ReadAllLines(Path.Combine(Fixtures.Root, "LICENSE"));
+        Assert.Equal("MIT License", licence[0]);
+        Assert.Equal("MIT", Regex.Match(props, "<PackageLicenseExpression>([^<]+)<").Groups[1].Value);
+        var copyright = Regex.Match(props, "<Copyright>([^<]+)<").Groups[1].Value;
+        Assert.Contains(copyright, licence);
+        Assert.Equal("Copyright (c) 2026 Gpt contributors", copyright);
+        Assert.Contains("<None Include=\"$(MSBuildThisFileDirectory)LICENSE\" Pack=\"true\" PackagePath=\"/\"", props);
+        Assert.DoesNotContain("<PackageLicenseFile>", props); // one licence statement: the expression (LICENSE travels as a file)
+    }
+
     [PackageFact]
     public void TheSamplesAndTheToolRunFromThePackagesAlone()
     {
@@ -74,6 +90,15 @@ public class PackageTests(ITestOutputHelper log)
             Assert.True(File.Exists(Path.Combine(feed, $"{package}.{version}.nupkg")), $"{package}.{version}.nupkg is not in {feed}");
         foreach (var package in new[] { "Gpt.Core", "Gpt.CSharp" })
             Assert.True(File.Exists(Path.Combine(feed, $"{package}.{version}.snupkg")), $"{package}.{version}.snupkg is not in {feed}");
+        foreach (var package in new[] { "Gpt.Core", "Gpt.CSharp", "Gpt.Cli.linux-x64" })
+        {
+            using var archive = System.IO.Compression.ZipFile.OpenRead(Path.Combine(feed, $"{package}.{version}.nupkg"));
+            Assert.Contains(archive.Entries, e => e.FullName == "LICENSE");
+            using var nuspec = new StreamReader(archive.Entries.Single(e => e.FullName.EndsWith(".nuspec", StringComparison.Ordinal)).Open());
+            var text = nuspec.ReadToEnd();
+            Assert.Contains("<license type=\"expression\">MIT</license>", text);
+            Assert.Contains("<copyright>Copyright (c) 2026 Gpt contributors</copyright>", text);
+        }
 
         // The feed of these packages, then NuGet for their dependencies (TorchSharp-cpu, FSharp.Core, ...).
         var config = temp.File("nuget.config");
