@@ -4,6 +4,7 @@
 // The book adds LoRA to GPT-2 (124M) and fine-tunes it on the SMS Spam Collection; here a small model pretrained for
 // a few steps on the built-in story learns the built-in "Harbor Messages" with adapters on its frozen weights.
 // With GPT-2's weights: gpt finetune classify --model gpt2 --data SMSSpamCollection --balance --lora-rank 16 (README).
+#load "check-build.fsx" // "build first" when the library is not built
 #load "load.fsx"
 
 open System

@@ -1,5 +1,6 @@
 // Chapters 3 and 4 of "Build a Large Language Model (From Scratch)", in F# Interactive:
 //   dotnet build src/Gpt.Cli && dotnet fsi scripts/ch03-04-model.fsx
+#load "check-build.fsx" // "build first" when the library is not built
 #load "load.fsx"
 
 open TorchSharp

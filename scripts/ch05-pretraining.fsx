@@ -2,6 +2,7 @@
 // with small numbers so that it runs in well under a minute on two CPU cores:
 //   dotnet build src/Gpt.Cli && dotnet fsi scripts/ch05-pretraining.fsx
 // The full-size run (gpt2-small, 10 epochs) is `gpt train` with the book's options: see the README.
+#load "check-build.fsx" // "build first" when the library is not built
 #load "load.fsx"
 
 open System

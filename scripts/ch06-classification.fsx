@@ -4,6 +4,7 @@
 // The book fine-tunes GPT-2 (124M) on the SMS Spam Collection; here a small model pretrained for a few steps on the
 // built-in story learns the built-in "Harbor Messages" (240 texts written for this project, ham or spam).
 // With the real data set: gpt finetune classify --model gpt2 --data SMSSpamCollection --balance (see the README).
+#load "check-build.fsx" // "build first" when the library is not built
 #load "load.fsx"
 
 open System
@@ -43,8 +44,9 @@ let languageModel = pretrained.ModelDirectory.Value
 
 // 6.5 The classifier: the body of the language model and a new head of 2 outputs (Hugging Face's `score`), reading the
 // last real token. Before fine-tuning it guesses.
-use model = ModelSource.load languageModel
-use untrained = ClassifierFiles.fromLanguageModel model labels 50256 Pooling.LastToken 0.0 123L
+// (let, not use: a script's top level is a module, where F# treats use as let with warning FS0524; disposed below.)
+let model = ModelSource.load languageModel
+let untrained = ClassifierFiles.fromLanguageModel model labels 50256 Pooling.LastToken 0.0 123L
 let before = Classification.classify untrained gpt2 [ "You have won a free cruise, text WIN to 80082"; "See you at the harbor at six" ]
 for p in before do printfn "untrained: %s -> %s %A" p.Text p.Label p.Probabilities
 
@@ -63,7 +65,8 @@ printfn "test accuracy %.1f%% on %d texts" (100.0 * defaultArg result.TestAccura
 printfn "wrote %s" (String.Join(", ", Directory.GetFileSystemEntries result.Run.RunDirectory |> Array.map Path.GetFileName |> Array.sort))
 
 // 6.8 Using the classifier.
-use classifier = ClassifierFiles.load result.Run.ModelDirectory.Value
+let classifier = ClassifierFiles.load result.Run.ModelDirectory.Value
 for p in Classification.classify classifier gpt2 [ "You have won a free cruise, text WIN to 80082"; "See you at the harbor at six" ] do
     printfn "fine-tuned: %s -> %s (%.2f)" p.Text p.Label p.Probabilities[p.LabelId]
+for owner in [ classifier :> IDisposable; untrained; model ] do owner.Dispose()
 Directory.Delete(runs, true)

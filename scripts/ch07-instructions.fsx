@@ -4,6 +4,7 @@
 // The book fine-tunes GPT-2 medium (355M) on 1,100 instructions and judges the answers with Llama 3; here a small model
 // pretrained for a few steps on the built-in story learns rule-made instructions (plurals, opposites, sorting, sums).
 // With the book's data: gpt finetune instruct --model gpt2-medium --data instruction-data.json (see the README).
+#load "check-build.fsx" // "build first" when the library is not built
 #load "load.fsx"
 
 open System

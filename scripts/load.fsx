@@ -1,5 +1,7 @@
-// One line to use the built library from F# Interactive:   #load "scripts/load.fsx"
-// Build first: dotnet build src/Gpt.Cli (Debug; a Release build is used when there is no Debug one).
+// The built library in F# Interactive: scripts begin with
+//   #load "check-build.fsx"   // a "build first" message when there is no build (this file's #r lines cannot check)
+//   #load "load.fsx"
+// Build first: dotnet build src/Gpt.Cli. The Debug build is used, else the Release one (the #I order below).
 // F# Interactive does not run MSBuild, so the libstdc++ fix of build/TorchSharpNativeFix.targets is used by loading the
 // patched copy of libLibTorchSharp.so from the build output before the first TorchSharp call.
 #nowarn "211" // a search directory that does not exist (only one of the two builds usually does)

@@ -7,17 +7,64 @@ namespace Gpt.CSharp.Tests;
 /// is built before these tests run) and print the book's results.</summary>
 public class ScriptTests
 {
+    /// <summary>Runs a script of scripts/; no script may print a compiler warning (FS0524 and the like).</summary>
     private static (int ExitCode, string Output) RunScript(string name)
     {
-        var start = new ProcessStartInfo("dotnet", ["fsi", Path.Combine(Fixtures.Root, "scripts", name)])
+        var (code, output) = RunFsi(Path.Combine(Fixtures.Root, "scripts", name), Fixtures.Root);
+        Assert.DoesNotContain("warning FS", output);
+        return (code, output);
+    }
+
+    private static (int ExitCode, string Output) RunFsi(string script, string workingDirectory)
+    {
+        var start = new ProcessStartInfo("dotnet", ["fsi", script])
         {
-            RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = Fixtures.Root,
+            RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = workingDirectory,
         };
         using var process = Process.Start(start)!;
         var stderr = process.StandardError.ReadToEndAsync();
         var stdout = process.StandardOutput.ReadToEnd();
         process.WaitForExit();
         return (process.ExitCode, stdout + stderr.Result);
+    }
+
+    /// <summary>A copy of scripts/check-build.fsx and load.fsx in a folder laid out like the repository, with a script
+    /// that loads them as the chapters do and uses the library.</summary>
+    private static string CopyOfTheLoader(Fixtures.TempDir temp)
+    {
+        var scripts = Directory.CreateDirectory(temp.File("scripts")).FullName;
+        foreach (var name in new[] { "check-build.fsx", "load.fsx" })
+            File.Copy(Path.Combine(Fixtures.Root, "scripts", name), Path.Combine(scripts, name));
+        var script = Path.Combine(scripts, "uses-the-library.fsx");
+        File.WriteAllText(script, "#load \"check-build.fsx\"\n#load \"load.fsx\"\nprintfn \"gpt2-small: %d parameters\" (Gpt.Model.GptConfig.parameterCount Gpt.Model.GptConfig.gpt2Small)\n");
+        return script;
+    }
+
+    [Fact]
+    public void WithoutABuildTheScriptsSayBuildFirst()
+    {
+        using var temp = new Fixtures.TempDir();
+        var (code, output) = RunFsi(CopyOfTheLoader(temp), temp.Path);
+        Assert.Equal(1, code);
+        Assert.Contains("The Gpt library is not built", output);
+        Assert.Contains(Path.Combine("src", "Gpt.Cli", "bin", "Release", "net10.0"), output);
+        Assert.Contains("Build first: dotnet build src/Gpt.Cli", output);
+        Assert.DoesNotContain("FS0078", output);
+    }
+
+    [Fact]
+    public void WithoutADebugBuildTheScriptsUseTheReleaseBuild()
+    {
+        using var temp = new Fixtures.TempDir();
+        var script = CopyOfTheLoader(temp);
+        // The Debug output this test runs against, standing in for a Release build (a link: the folder is ~1.3 GB).
+        var built = Path.GetDirectoryName(typeof(Gpt.Cli.CliApp).Assembly.Location)!;
+        Directory.CreateDirectory(temp.File(Path.Combine("src", "Gpt.Cli", "bin", "Release")));
+        Directory.CreateSymbolicLink(temp.File(Path.Combine("src", "Gpt.Cli", "bin", "Release", "net10.0")), built);
+        var (code, output) = RunFsi(script, temp.Path);
+        Assert.True(code == 0, output);
+        Assert.Contains("gpt2-small: 124439808 parameters", output);
+        Assert.DoesNotContain("warning FS", output);
     }
 
     [Fact]
