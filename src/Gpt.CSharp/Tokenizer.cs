@@ -50,6 +50,17 @@ public sealed class Tokenizer
         return Inner.Encode(text);
     }
 
+    /// <summary>Token ids as people and scripts write them: <c>15496,11</c>, <c>15496, 11</c> or the JSON array
+    /// <c>[15496, 11]</c>; <c>[]</c> is the empty list.</summary>
+    /// <param name="text">The ids.</param>
+    /// <param name="where">Names the input in the error message (an option, a line).</param>
+    /// <exception cref="GptException">Not such a list: the message says what was expected and what was found.</exception>
+    public static int[] ParseIds(string text, string where = "token ids")
+    {
+        ArgumentNullException.ThrowIfNull(text);
+        return TokenIds.parse(where ?? "token ids", text);
+    }
+
     /// <summary>Decodes token ids into text.</summary>
     /// <exception cref="GptException">An id is outside the vocabulary.</exception>
     public string Decode(IEnumerable<int> ids)

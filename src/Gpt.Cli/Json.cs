@@ -17,20 +17,6 @@ internal static class Json
 
     public static string String(string text) => JsonSerializer.Serialize(text, Options);
 
-    /// <summary>Parses a JSON array of integers, with a clear error.</summary>
-    public static int[] ParseIds(string json, string where)
-    {
-        try
-        {
-            var ids = JsonSerializer.Deserialize<int[]>(json);
-            return ids ?? throw new GptException($"{where}: expected a JSON array of token ids such as [15496, 11], found null");
-        }
-        catch (JsonException e)
-        {
-            throw new GptException($"{where}: expected a JSON array of token ids such as [15496, 11], found '{Shorten(json)}' ({e.Message})");
-        }
-    }
-
     /// <summary>Parses a JSON string literal, with a clear error.</summary>
     public static string ParseString(string json, string where)
     {

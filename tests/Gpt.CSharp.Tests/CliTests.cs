@@ -65,12 +65,41 @@ public class TokenizeCliTests
         Assert.Equal(new[] { "\"Hello,\"", "\"<|endoftext|>\"" }, output2.Split('\n', StringSplitOptions.RemoveEmptyEntries));
     }
 
+    [Theory]
+    [InlineData("33901,86,343,86,220,959")]
+    [InlineData("33901, 86, 343, 86, 220, 959")]
+    [InlineData("[33901, 86, 343, 86, 220, 959]")]
+    public void DecodesIdsWrittenAsForIds(string ids)
+    {
+        var (code, output, error) = Cli.Run(null, "tokenize", "--decode", "--text", ids);
+        Assert.True(code == 0, error);
+        Assert.Equal("Akwirw ier", output.TrimEnd('\n'));
+        var (piped, pipedOutput, pipedError) = Cli.Run(ids + "\n", "tokenize", "--decode");
+        Assert.True(piped == 0, pipedError);
+        Assert.Equal("Akwirw ier", pipedOutput.TrimEnd('\n'));
+        var (lines, linesOutput, linesError) = Cli.Run(ids + "\n[15496, 11]\n", "tokenize", "--decode", "--jsonl");
+        Assert.True(lines == 0, linesError);
+        Assert.Equal(new[] { "\"Akwirw ier\"", "\"Hello,\"" }, linesOutput.Split('\n', StringSplitOptions.RemoveEmptyEntries));
+    }
+
+    [Fact]
+    public void BadIdsToDecodeSayWhatWasExpectedAndFound()
+    {
+        var (code, _, error) = Cli.Run(null, "tokenize", "--decode", "--text", "1, x, 3");
+        Assert.Equal(1, code);
+        Assert.Equal("gpt: error: --decode input: expected token ids such as 15496,11 or [15496, 11], found 'x' (item 2)", error.Trim());
+        var (code2, _, error2) = Cli.Run("[1, 2.5]\n", "tokenize", "--decode", "--jsonl");
+        Assert.Equal(1, code2);
+        Assert.Contains("standard input line 1: expected token ids such as 15496,11 or [15496, 11], found '2.5' (item 2)", error2);
+        foreach (var internals in new[] { "System.", "Path: $", "LineNumber", "BytePositionInLine" }) Assert.DoesNotContain(internals, error + error2);
+    }
+
     [Fact]
     public void BadInputIsAClearErrorWithExitCode1()
     {
         var (code, _, error) = Cli.Run(null, "tokenize", "--decode", "--text", "[1, \"x\"]");
         Assert.Equal(1, code);
-        Assert.Contains("expected a JSON array of token ids", error);
+        Assert.Contains("expected token ids such as 15496,11 or [15496, 11], found '\"x\"' (item 2)", error);
         var (code2, _, error2) = Cli.Run("not json\n", "tokenize", "--jsonl");
         Assert.Equal(1, code2);
         Assert.Contains("standard input line 1", error2);

@@ -56,6 +56,25 @@ let tests =
             throwsGpt [ "token id 50257"; "0..50256" ] (fun () -> gpt2.Decode [ 50257 ] |> ignore) "too large"
             throwsGpt [ "token id -1" ] (fun () -> gpt2.Decode [ -1 ] |> ignore) "negative"
 
+        testCase "token ids as people write them: 1,2,3 or a JSON array" <| fun () ->
+            for text in [ "15496,11,50256"; " 15496, 11 ,50256\n"; "[15496, 11, 50256]"; "[15496,11,50256]"; " [ 15496 , 11, 50256 ] " ] do
+                Expect.equal (TokenIds.parse "ids" text) [| 15496; 11; 50256 |] text
+            Expect.equal (TokenIds.parse "ids" "[]") [||] "the empty JSON array"
+            Expect.equal (TokenIds.parse "ids" "-1") [| -1 |] "the tokenizer or the model checks the range"
+
+        testCase "bad token ids name what was expected and what was found" <| fun () ->
+            let expected = "expected token ids such as 15496,11 or [15496, 11]"
+            throwsGpt [ "--decode input: "; expected; "found 'x' (item 2)" ] (fun () -> TokenIds.parse "--decode input" "1,x,3" |> ignore) "not a number"
+            throwsGpt [ expected; "found '2.5' (item 2)" ] (fun () -> TokenIds.parse "ids" "[1, 2.5]" |> ignore) "a fraction"
+            throwsGpt [ expected; "found nothing" ] (fun () -> TokenIds.parse "ids" "  " |> ignore) "empty"
+            throwsGpt [ expected; "found an empty item (number 2 of 3) in '1,,3'" ] (fun () -> TokenIds.parse "ids" "1,,3" |> ignore) "two commas"
+            throwsGpt [ expected; "a bracket not closed" ] (fun () -> TokenIds.parse "ids" "[1, 2" |> ignore) "open bracket"
+            throwsGpt [ expected; "found 99999999999 (item 1), which is not a 32-bit integer" ] (fun () -> TokenIds.parse "ids" "99999999999" |> ignore) "too large"
+            throwsGpt [ expected; "found '\"a\"' (item 1)" ] (fun () -> TokenIds.parse "ids" "[\"a\"]" |> ignore) "a JSON string"
+            for text in [ "1,x"; "[1, 2.5]"; "99999999999" ] do
+                let message = try TokenIds.parse "ids" text |> ignore; "" with :? Gpt.GptException as e -> e.Message
+                Expect.isFalse (message.Contains "System." || message.Contains "Path: $" || message.Contains "LineNumber") (sprintf "no .NET internals: %s" message)
+
         testCase "agrees with the reference encoder on the hard strings we keep" <| fun () ->
             let path = fixture "bpe/hard_strings.jsonl"
             let lines = File.ReadAllLines path |> Array.filter (fun l -> l.Trim() <> "")

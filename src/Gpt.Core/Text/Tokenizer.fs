@@ -632,3 +632,33 @@ module Tokenizers =
                 let piece = utf8.GetString(bytes, emittedBytes, bytes.Length - emittedBytes)
                 emittedBytes <- bytes.Length
                 piece
+
+/// Token ids as people and scripts write them.
+[<RequireQualifiedAccess>]
+module TokenIds =
+    let private expected = "expected token ids such as 15496,11 or [15496, 11]"
+
+    let private shorten (text: string) = if text.Length <= 40 then text else text.Substring(0, 40) + "..."
+
+    /// "15496,11", "15496, 11" or the JSON array "[15496, 11]" (around which white space is ignored) to ids; "[]" is
+    /// the empty list. `where` names the input in errors, which say what was expected and what was found. Whether each
+    /// id is inside a vocabulary is for the tokenizer or the model to check.
+    let parse (where: string) (text: string) : int[] =
+        let trimmed = if isNull text then "" else text.Trim()
+        if trimmed = "" then Errors.fail "%s: %s, found nothing" where expected
+        let opens, closes = trimmed.StartsWith '[', trimmed.EndsWith ']'
+        if opens <> closes then
+            Errors.fail "%s: %s, found '%s' (a bracket %s)" where expected (shorten trimmed) (if opens then "not closed" else "never opened")
+        let inner = if opens then trimmed.Substring(1, trimmed.Length - 2).Trim() else trimmed
+        if inner = "" then [||]
+        else
+            let items = inner.Split ','
+            items
+            |> Array.mapi (fun index item ->
+                let item = item.Trim()
+                match Int32.TryParse(item, Globalization.NumberStyles.AllowLeadingSign, Globalization.CultureInfo.InvariantCulture) with
+                | true, id -> id
+                | _ when item = "" -> Errors.fail "%s: %s, found an empty item (number %d of %d) in '%s'" where expected (index + 1) items.Length (shorten trimmed)
+                | _ when item |> Seq.forall (fun c -> Char.IsAsciiDigit c || c = '-' || c = '+') ->
+                    Errors.fail "%s: %s, found %s (item %d), which is not a 32-bit integer" where expected (shorten item) (index + 1)
+                | _ -> Errors.fail "%s: %s, found '%s' (item %d)" where expected (shorten item) (index + 1))
