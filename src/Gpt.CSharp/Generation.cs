@@ -5,9 +5,12 @@ using Microsoft.FSharp.Core;
 namespace Gpt;
 
 /// <summary>How to generate: decoding strategy, stopping and reproducibility. Defaults: 50 new tokens, greedy,
-/// stop at <c>&lt;|endoftext|&gt;</c> (50256), KV cache on.</summary>
+/// stop at the model's end-of-text token (<see cref="GptModel.EndOfTextId"/>: GPT-2's <c>&lt;|endoftext|&gt;</c>,
+/// 50256, for GPT-2's vocabulary), KV cache on.</summary>
 public sealed record GenerationSettings
 {
+    private readonly int? _endOfTextId;
+
     /// <summary>Number of tokens to generate at most.</summary>
     public int MaxNewTokens { get; init; } = 50;
     /// <summary>Softmax temperature; 0 means greedy (always the most likely token).</summary>
@@ -18,17 +21,34 @@ public sealed record GenerationSettings
     public double? TopP { get; init; }
     /// <summary>Seed for sampling: the same seed gives the same text (null: a random seed).</summary>
     public long? Seed { get; init; }
-    /// <summary>Stop when this token is generated (null: never stop early).</summary>
-    public int? EndOfTextId { get; init; } = 50256;
+    /// <summary>Stop when this token is generated; null: never stop early. When not set
+    /// (<see cref="UsesModelEndOfText"/>), generation stops at the model's own end-of-text token,
+    /// <see cref="GptModel.EndOfTextId"/>: the <c>eos_token_id</c> of the <c>config.json</c> it was loaded from, else
+    /// 50256 when its vocabulary has it, else none. Reading it then gives null.</summary>
+    public int? EndOfTextId
+    {
+        get => _endOfTextId;
+        init
+        {
+            _endOfTextId = value;
+            UsesModelEndOfText = false;
+        }
+    }
+
+    /// <summary>True while <see cref="EndOfTextId"/> has not been set: generation stops at the model's own end-of-text
+    /// token (<see cref="GptModel.EndOfTextId"/>).</summary>
+    public bool UsesModelEndOfText { get; private init; } = true;
     /// <summary>Reuse cached keys and values between steps (same result, much faster).</summary>
     public bool UseKvCache { get; init; } = true;
 
-    internal GenerationOptions ToFSharp() => new(
+    /// <summary>The core's options for generating with <paramref name="model"/> (whose end-of-text token applies when
+    /// <see cref="EndOfTextId"/> was not set).</summary>
+    internal GenerationOptions ToFSharp(Gpt.Model.GptModel model) => new(
         MaxNewTokens, Temperature,
         TopK is { } k ? FSharpOption<int>.Some(k) : FSharpOption<int>.None,
         TopP is { } p ? FSharpOption<double>.Some(p) : FSharpOption<double>.None,
         Seed is { } s ? FSharpOption<long>.Some(s) : FSharpOption<long>.None,
-        EndOfTextId is { } e ? FSharpOption<int>.Some(e) : FSharpOption<int>.None,
+        UsesModelEndOfText ? model.DefaultEndOfTextId : EndOfTextId is { } e ? FSharpOption<int>.Some(e) : FSharpOption<int>.None,
         UseKvCache);
 }
 
@@ -45,6 +65,11 @@ public sealed record GenerationResult(int[] PromptIds, int[] NewIds, string Text
 
 public sealed partial class GptModel
 {
+    /// <summary>The token generation stops at unless <see cref="GenerationSettings.EndOfTextId"/> says otherwise: the
+    /// <c>eos_token_id</c> of the <c>config.json</c> the model was loaded from when it is inside the vocabulary, else
+    /// GPT-2's 50256 when the vocabulary has it, else null (never stop early).</summary>
+    public int? EndOfTextId => Gpt.Options.ToNullable(Inner.DefaultEndOfTextId);
+
     private ILanguageModel? _languageModel;
     private ILanguageModel LanguageModel => _languageModel ??= Gpt.Generation.LanguageModel.ofGpt(Inner);
 
@@ -54,7 +79,7 @@ public sealed partial class GptModel
     {
         ArgumentNullException.ThrowIfNull(promptIds);
         var prompts = promptIds.Select(p => (p ?? throw new ArgumentNullException(nameof(promptIds))).ToArray()).ToArray();
-        var completions = Generator.generate(LanguageModel, (settings ?? new GenerationSettings()).ToFSharp(), prompts);
+        var completions = Generator.generate(LanguageModel, (settings ?? new GenerationSettings()).ToFSharp(Inner), prompts);
         var tok = tokenizer ?? Tokenizer.Gpt2;
         return prompts.Zip(completions, (prompt, c) =>
             new GenerationResult(prompt, c.Tokens, tok.Decode(c.Tokens), c.StopReason.IsEndOfText)).ToArray();
@@ -86,7 +111,7 @@ public sealed partial class GptModel
         [EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(prompt);
-        var pieces = Generator.streamText(LanguageModel, (tokenizer ?? Tokenizer.Gpt2).Inner, (settings ?? new GenerationSettings()).ToFSharp(), prompt);
+        var pieces = Generator.streamText(LanguageModel, (tokenizer ?? Tokenizer.Gpt2).Inner, (settings ?? new GenerationSettings()).ToFSharp(Inner), prompt);
         // Each step opens and closes its own dispose and no-grad scopes, so moving between threads between steps is safe.
         using var enumerator = pieces.GetEnumerator();
         while (true)
@@ -104,7 +129,7 @@ public sealed partial class GptModel
         ArgumentNullException.ThrowIfNull(prompt);
         ArgumentNullException.ThrowIfNull(onPiece);
         var text = new System.Text.StringBuilder();
-        foreach (var piece in Generator.streamText(LanguageModel, (tokenizer ?? Tokenizer.Gpt2).Inner, (settings ?? new GenerationSettings()).ToFSharp(), prompt))
+        foreach (var piece in Generator.streamText(LanguageModel, (tokenizer ?? Tokenizer.Gpt2).Inner, (settings ?? new GenerationSettings()).ToFSharp(Inner), prompt))
         {
             cancellationToken.ThrowIfCancellationRequested();
             onPiece(piece);

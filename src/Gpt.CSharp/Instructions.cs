@@ -151,7 +151,7 @@ public sealed class InstructionModel : IDisposable
     /// <summary>The response to an instruction (greedy and at most 256 tokens unless the settings say otherwise; stops at
     /// end-of-text).</summary>
     public string Respond(InstructionEntry entry, GenerationSettings? settings = null) =>
-        FInstruction.respond(_model.Inner, Tokenizer.Gpt2.Inner, ToFSharp(Style), Settings(settings).ToFSharp(),
+        FInstruction.respond(_model.Inner, Tokenizer.Gpt2.Inner, ToFSharp(Style), Settings(settings).ToFSharp(_model.Inner),
             (entry ?? throw new ArgumentNullException(nameof(entry))).ToFSharp());
 
     /// <summary>The response computed off the caller's thread (generation never runs on the caller's synchronisation

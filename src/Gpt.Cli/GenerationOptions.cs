@@ -12,7 +12,10 @@ internal sealed class GenerationOptions
         TopK = new("--top-k") { Description = "Sample only from the k most likely tokens." };
         TopP = new("--top-p") { Description = "Nucleus sampling: only from the smallest set of tokens whose probability reaches p." };
         Seed = new("--seed") { Description = "Seed for sampling: same seed, same text." };
-        Eos = new("--eos") { Description = "Stop at this token id.", DefaultValueFactory = _ => 50256 };
+        Eos = new("--eos")
+        {
+            Description = "Stop at this token id. Default: the model's end-of-text token (eos_token_id of its config.json, else 50256 when the vocabulary has it, else none).",
+        };
         NoEos = new("--no-eos") { Description = "Never stop before --max-new-tokens." };
         NoCache = new("--no-kv-cache") { Description = "Recompute every position at every step (slower; same result)." };
     }
@@ -22,7 +25,7 @@ internal sealed class GenerationOptions
     public Option<int?> TopK { get; }
     public Option<double?> TopP { get; }
     public Option<long?> Seed { get; }
-    public Option<int> Eos { get; }
+    public Option<int?> Eos { get; }
     public Option<bool> NoEos { get; }
     public Option<bool> NoCache { get; }
 
@@ -31,10 +34,16 @@ internal sealed class GenerationOptions
         foreach (var option in new Option[] { MaxNewTokens, Temperature, TopK, TopP, Seed, Eos, NoEos, NoCache }) command.Add(option);
     }
 
-    public GenerationSettings Read(ParseResult parse) => new()
+    /// <summary>The settings the options give; the end-of-text token stays the model's own unless --eos or --no-eos
+    /// is given.</summary>
+    public GenerationSettings Read(ParseResult parse)
     {
-        MaxNewTokens = parse.GetValue(MaxNewTokens), Temperature = parse.GetValue(Temperature), TopK = parse.GetValue(TopK),
-        TopP = parse.GetValue(TopP), Seed = parse.GetValue(Seed), UseKvCache = !parse.GetValue(NoCache),
-        EndOfTextId = parse.GetValue(NoEos) ? null : parse.GetValue(Eos),
-    };
+        var settings = new GenerationSettings
+        {
+            MaxNewTokens = parse.GetValue(MaxNewTokens), Temperature = parse.GetValue(Temperature), TopK = parse.GetValue(TopK),
+            TopP = parse.GetValue(TopP), Seed = parse.GetValue(Seed), UseKvCache = !parse.GetValue(NoCache),
+        };
+        if (parse.GetValue(NoEos)) return settings with { EndOfTextId = null };
+        return parse.GetValue(Eos) is { } eos ? settings with { EndOfTextId = eos } : settings;
+    }
 }

@@ -211,6 +211,7 @@ internal static class ModelCommands
         {
             ["parameters"] = model.ParameterCount,
             ["memory_mb"] = Math.Round(model.ParameterCount * 4.0 / (1024 * 1024), 2),
+            ["end_of_text_id"] = model.EndOfTextId,
             ["config"] = new JsonObject
             {
                 ["vocab_size"] = c.VocabularySize, ["context_length"] = c.ContextLength, ["emb_dim"] = c.EmbeddingDim,

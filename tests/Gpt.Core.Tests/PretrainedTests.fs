@@ -159,6 +159,62 @@ let roundTripTests =
     ]
 
 [<Tests>]
+let endOfTextTests =
+    let generate (model: GptModel) (options: Gpt.Generation.GenerationOptions) =
+        (Gpt.Generation.Generator.generate (Gpt.Generation.LanguageModel.ofGpt model) options [ [| 1; 2 |] ])[0]
+    let configText (directory: string) = File.ReadAllText(Path.Combine(directory, "config.json"))
+    let setEndOfText (directory: string) (value: string) =
+        let path = Path.Combine(directory, "config.json")
+        File.WriteAllText(path, (File.ReadAllText path).Replace("\"eos_token_id\": null", sprintf "\"eos_token_id\": %s" value))
+    testList "pretrained: the end-of-text token comes from the model's config" [
+        testCase "EndOfText.resolve: the configured id inside the vocabulary, else 50256 when inside, else none" <| fun () ->
+            Expect.equal (EndOfText.resolve (Some 7) 97) (Some 7) "configured"
+            Expect.equal (EndOfText.resolve None 50257) (Some 50256) "GPT-2's"
+            Expect.equal (EndOfText.resolve (Some 50256) 50257) (Some 50256) "GPT-2's, configured"
+            Expect.equal (EndOfText.resolve None 97) None "a small vocabulary has none"
+            Expect.equal (EndOfText.resolve (Some 500) 97) None "a configured id outside the vocabulary is not used"
+            Expect.equal (EndOfText.resolve (Some 500) 50257) (Some 500) "any id inside"
+
+        testCase "a model of a small vocabulary saves no end-of-text token and generates without one" <| fun () ->
+            use temp = new TempDir()
+            use model = new GptModel(tinyConfig, 1L)
+            Pretrained.save (temp.File "small") model
+            use document = JsonDocument.Parse(configText (temp.File "small"))
+            Expect.equal (document.RootElement.GetProperty("eos_token_id").ValueKind) JsonValueKind.Null "eos_token_id: null"
+            Expect.equal (document.RootElement.GetProperty("bos_token_id").ValueKind) JsonValueKind.Null "bos_token_id: null"
+            use loaded = ModelSource.load (temp.File "small")
+            Expect.equal (loaded.ConfiguredEndOfTextId, loaded.DefaultEndOfTextId) (None, None) "none configured, none by default"
+            let completion = generate loaded { Gpt.Generation.GenerationOptions.forModel loaded with MaxNewTokens = 5 }
+            Expect.equal completion.Tokens.Length 5 "five tokens, no error about 50256"
+            throwsGpt [ "end-of-text id 50256 is outside the model's vocabulary (0..96)" ]
+                (fun () -> generate loaded { Gpt.Generation.GenerationOptions.defaults with MaxNewTokens = 5 } |> ignore) "asked for explicitly: an error"
+
+        testCase "the config's eos_token_id is where generation stops by default, and is saved again" <| fun () ->
+            use temp = new TempDir()
+            use model = new GptModel(tinyConfig, 1L)
+            let first = (generate model { Gpt.Generation.GenerationOptions.defaults with MaxNewTokens = 1; EndOfTextId = None }).Tokens[0]
+            Pretrained.save (temp.File "m") model
+            setEndOfText (temp.File "m") (string first)
+            use loaded = ModelSource.load (temp.File "m")
+            Expect.equal (loaded.ConfiguredEndOfTextId, loaded.DefaultEndOfTextId) (Some first, Some first) "the config's"
+            let completion = generate loaded { Gpt.Generation.GenerationOptions.forModel loaded with MaxNewTokens = 5 }
+            Expect.equal (completion.Tokens, completion.StopReason) ([||], Gpt.Generation.StopReason.EndOfText) "stops at once at the greedy token"
+            Pretrained.save (temp.File "again") loaded
+            Expect.stringContains (configText (temp.File "again")) (sprintf "\"eos_token_id\": %d" first) "saved again"
+
+        testCase "eos_token_id as a list (the first counts), outside the vocabulary (ignored), or of a wrong kind (an error)" <| fun () ->
+            use temp = new TempDir()
+            use model = new GptModel(tinyConfig, 1L)
+            Pretrained.save (temp.File "m") model
+            setEndOfText (temp.File "m") "[5, 6]"
+            (use loaded = Pretrained.load (temp.File "m") in Expect.equal loaded.DefaultEndOfTextId (Some 5) "the first of a list")
+            File.WriteAllText(temp.File "m/config.json", (configText (temp.File "m")).Replace("[5, 6]", "500"))
+            (use loaded = Pretrained.load (temp.File "m") in Expect.equal (loaded.ConfiguredEndOfTextId, loaded.DefaultEndOfTextId) (Some 500, None) "outside: none")
+            File.WriteAllText(temp.File "m/config.json", (configText (temp.File "m")).Replace("500", "\"x\""))
+            throwsGpt [ "config.json"; "\"eos_token_id\" must be an integer, found \"x\"" ] (fun () -> Pretrained.load (temp.File "m") |> ignore) "a string"
+    ]
+
+[<Tests>]
 let pytorchTests =
     testList "pretrained: PyTorch state dicts through TorchSharp.PyBridge" [
         testCase "a pickled state dict (prefixed names, as transformers writes) loads to the fixture's logits" <| fun () ->

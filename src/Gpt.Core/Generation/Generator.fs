@@ -131,15 +131,23 @@ type GenerationOptions =
 /// Option values and checks.
 [<RequireQualifiedAccess>]
 module GenerationOptions =
-    /// 50 new tokens, greedy, stop at GPT-2's &lt;|endoftext|&gt; (50256), KV cache on.
+    /// 50 new tokens, greedy, stop at GPT-2's &lt;|endoftext|&gt; (50256), KV cache on. For a model of another
+    /// vocabulary, or one whose configuration names its own end-of-text token, use `forModel`.
     let defaults =
         { MaxNewTokens = 50
           Temperature = 0.0
           TopK = None
           TopP = None
           Seed = None
-          EndOfTextId = Some 50256
+          EndOfTextId = Some EndOfText.gpt2
           UseKvCache = true }
+
+    /// The defaults with the model's own end-of-text token (GptModel.DefaultEndOfTextId): its config.json's
+    /// eos_token_id, else 50256 when its vocabulary has it, else none, so that a model of a small vocabulary generates
+    /// without an error when nothing was asked for.
+    let forModel (model: Gpt.Model.GptModel) =
+        if isNull (box model) then nullArg "model"
+        { defaults with EndOfTextId = model.DefaultEndOfTextId }
 
     /// Raises a GptException for settings no model could use.
     let validate (options: GenerationOptions) =

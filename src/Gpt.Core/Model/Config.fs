@@ -113,6 +113,17 @@ module GptConfig =
     /// Parameter memory in float32 in mebibytes, as the book prints it ("621.83 MB").
     let memoryMegabytes (config: GptConfig) = float (memoryBytes config) / (1024.0 * 1024.0)
 
+[<RequireQualifiedAccess>]
+module EndOfText =
+    let gpt2 = 50256
+
+    let resolve (configured: int option) (vocabSize: int) =
+        let inside id = id >= 0 && id < vocabSize
+        match configured with
+        | Some id when inside id -> Some id
+        | _ when inside gpt2 -> Some gpt2
+        | _ -> None
+
 /// The one place that checks model inputs: token ids (as a tensor or as arrays) and vector sequences.
 [<RequireQualifiedAccess>]
 module Inputs =

@@ -76,6 +76,18 @@ module GptConfig =
     /// Parameter memory in float32 in mebibytes, as the book prints it ("621.83 MB").
     val memoryMegabytes: config: GptConfig -> float
 
+/// The token that ends a text: generation stops there unless told otherwise.
+[<RequireQualifiedAccess>]
+module EndOfText =
+
+    /// GPT-2's &lt;|endoftext|&gt;, 50256.
+    val gpt2: int
+
+    /// The end-of-text token of a model with `vocabSize` tokens whose configuration names `configured` (config.json's
+    /// eos_token_id): that one when it is inside the vocabulary, else GPT-2's 50256 when the vocabulary has it, else
+    /// none (a small custom vocabulary has no end-of-text token unless its configuration names one).
+    val resolve: configured: int option -> vocabSize: int -> int option
+
 /// The one place that checks model inputs: token ids (as a tensor or as arrays) and vector sequences.
 [<RequireQualifiedAccess>]
 module Inputs =

@@ -501,6 +501,12 @@ type GptModel internal (config: GptConfig, seed: int64 option, initialise: bool)
         new GptModel(config, None, false)
 
     member _.Config = config
+    /// config.json's eos_token_id in the folder this model was loaded from (None: a new model, or a configuration
+    /// without one). Not part of the maths: it travels with the model so that generation and saving know it.
+    member val ConfiguredEndOfTextId: int option = None with get, set
+    /// The token generation stops at when told nothing else: ConfiguredEndOfTextId when inside the vocabulary, else
+    /// GPT-2's 50256 when the vocabulary has it, else none (EndOfText.resolve).
+    member this.DefaultEndOfTextId = EndOfText.resolve this.ConfiguredEndOfTextId config.VocabSize
     /// The token embedding (vocab, C), state_dict key `wte`; also the output head when tied.
     member _.TokenEmbedding = wte
     /// The position embedding (ContextLength, C), state_dict key `wpe`.

@@ -91,6 +91,15 @@ module Pretrained =
             configError fields.Path "%s" e.Message
         config
 
+    /// config.json's eos_token_id: a number, or the first of a list (newer transformers allow several; generation here
+    /// stops at one); None when absent or null.
+    let endOfTextOf (fields: ConfigFields) : int option =
+        match fields.TryField "eos_token_id" with
+        | None -> None
+        | Some value when value.ValueKind = JsonValueKind.Array ->
+            value.EnumerateArray() |> Seq.tryHead |> Option.map (fun first -> fields.Integer(first, "eos_token_id"))
+        | Some value -> Some(fields.Integer(value, "eos_token_id"))
+
     /// Parses a config.json's text and reads it with `read`; `path` names it in error messages.
     let parseWith (path: string) (text: string) (read: ConfigFields -> 'T) : 'T =
         use document =
@@ -110,9 +119,10 @@ module Pretrained =
         if not (File.Exists path) then Errors.fail "config '%s' does not exist" path
         parseConfig path (File.ReadAllText path)
 
-    /// The config.json text for a configuration: the standard GPT-2 keys (so transformers can read it) plus
-    /// tie_word_embeddings, the three dropout rates and our own qkv_bias, so an untied or bias-less model round-trips.
-    let configJson (config: GptConfig) =
+    /// The config.json text for a configuration and its end-of-text token (eos_token_id and bos_token_id, null for
+    /// none): the standard GPT-2 keys (so transformers can read it) plus tie_word_embeddings, the three dropout rates
+    /// and our own qkv_bias, so an untied or bias-less model round-trips.
+    let configJsonWith (endOfText: int option) (config: GptConfig) =
         use buffer = new MemoryStream()
         (use json = new Utf8JsonWriter(buffer, JsonWriterOptions(Indented = true))
          json.WriteStartObject()
@@ -131,13 +141,19 @@ module Pretrained =
          json.WriteNumber("resid_pdrop", config.DropRate)
          json.WriteNumber("embd_pdrop", config.DropRate)
          json.WriteNumber("attn_pdrop", config.DropRate)
-         // GPT-2's end-of-text token; a smaller custom vocabulary uses its last id.
-         json.WriteNumber("bos_token_id", min 50256 (config.VocabSize - 1))
-         json.WriteNumber("eos_token_id", min 50256 (config.VocabSize - 1))
+         // GPT-2 begins and ends texts with the same token. A vocabulary without one says null rather than naming an
+         // arbitrary id that generation would then stop at.
+         for key in [ "bos_token_id"; "eos_token_id" ] do
+             match endOfText with
+             | Some id -> json.WriteNumber(key, id)
+             | None -> json.WriteNull key
          json.WriteBoolean("tie_word_embeddings", config.TiedHead)
          json.WriteBoolean("qkv_bias", config.QkvBias)
          json.WriteEndObject())
         Text.Encoding.UTF8.GetString(buffer.ToArray()) + "\n"
+
+    /// configJsonWith the default end-of-text token of the vocabulary: GPT-2's 50256 when it has it, else none.
+    let configJson (config: GptConfig) = configJsonWith (EndOfText.resolve None config.VocabSize) config
 
     // ---- tensor names -------------------------------------------------------------------------------------------
 
@@ -233,13 +249,15 @@ module Pretrained =
         if not (Directory.Exists directory) then Errors.fail "model directory '%s' does not exist" directory
         let configPath = Path.Combine(directory, configFileName)
         if not (File.Exists configPath) then Errors.fail "config '%s' does not exist" configPath
-        let config, architectures =
-            parseWith configPath (File.ReadAllText configPath) (fun fields -> configOf fields, architecturesOf fields)
+        let config, architectures, endOfText =
+            parseWith configPath (File.ReadAllText configPath) (fun fields -> configOf fields, architecturesOf fields, endOfTextOf fields)
         if List.contains "GPT2ForSequenceClassification" architectures then
             Errors.fail "'%s' is a text classifier (GPT2ForSequenceClassification), not a language model: use it with gpt classify (TextClassifier)" directory
         let source, tensors = readTensors directory
         try
-            fromTensors source config tensors
+            let model = fromTensors source config tensors
+            model.ConfiguredEndOfTextId <- endOfText
+            model
         finally
             for _, tensor in tensors do tensor.Dispose()
 
@@ -286,4 +304,6 @@ module Pretrained =
                 reraise ()
 
     /// Writes a model in the Hugging Face layout: DIR/config.json and DIR/model.safetensors, atomically.
-    let save (directory: string) (model: GptModel) = writeDirectory directory (configJson model.Config) (fun () -> toTensors model)
+    /// Its end-of-text token is the one it stops at by default (GptModel.DefaultEndOfTextId).
+    let save (directory: string) (model: GptModel) =
+        writeDirectory directory (configJsonWith model.DefaultEndOfTextId model.Config) (fun () -> toTensors model)
