@@ -72,7 +72,7 @@ internal static class FinetuneCommand
                 Shuffle = Given(noShuffle) ? !parse.GetValue(noShuffle) : options.Shuffle,
             };
             options.Validate();
-            return RunDisplay.Run(context, run.Json(parse), options.EvalInterval, "gpt finetune classify", (progress, token) =>
+            return RunDisplay.Run(context, run.Json(parse), options.EvalInterval, "finetune classify", (progress, token) =>
             {
                 var r = TextClassifier.FineTune(options, progress, token);
                 var json = new JsonObject
@@ -87,7 +87,7 @@ internal static class FinetuneCommand
                 };
                 if (r.TestAccuracy is { } accuracy)
                     lines.Add(string.Create(Invariant, $"test accuracy {accuracy:P1} (loss {r.TestLoss:0.000}) on {r.TestExamples} texts"));
-                return new RunOutcome(r.Training, json, lines, dir => $"gpt classify --model {dir} --text \"Congratulations! You have won a prize\"");
+                return new RunOutcome(r.Training, json, lines, dir => CommandHints.Gpt($"classify --model {CommandHints.Quote(dir)} --text \"Congratulations! You have won a prize\""));
             });
         }));
         return command;
@@ -143,7 +143,7 @@ internal static class FinetuneCommand
             };
             options.Validate();
             var styleName = options.PromptStyle == PromptStyle.Phi3 ? " --prompt-style phi3" : "";
-            return RunDisplay.Run(context, run.Json(parse), options.EvalInterval, "gpt finetune instruct", (progress, token) =>
+            return RunDisplay.Run(context, run.Json(parse), options.EvalInterval, "finetune instruct", (progress, token) =>
             {
                 var r = InstructionModel.FineTune(options, progress, token);
                 var json = new JsonObject
@@ -157,7 +157,7 @@ internal static class FinetuneCommand
                 };
                 if (r.ResponsesFile is { } file)
                     lines.Add(string.Create(Invariant, $"test responses: {file} (exact match {r.ExactMatch:P1}, token F1 {r.TokenF1:0.000})"));
-                return new RunOutcome(r.Training, json, lines, dir => $"gpt respond --model {dir}{styleName} --instruction \"Give the plural of the noun.\" --input \"boat\"");
+                return new RunOutcome(r.Training, json, lines, dir => CommandHints.Gpt($"respond --model {CommandHints.Quote(dir)}{styleName} --instruction \"Give the plural of the noun.\" --input \"boat\""));
             });
         }));
         return command;

@@ -19,8 +19,8 @@ internal static class RunDisplay
 
     /// <summary>Runs a training run with Ctrl+C (and SIGTERM) wired to cancellation and the chosen display: on the
     /// process's main thread (glibc's main heap: a fraction of the page faults a thread of its own would cost, see
-    /// Trainer.Train); the display, when it has a loop, on another. <paramref name="resume"/> is the command that
-    /// continues a stopped run.</summary>
+    /// Trainer.Train); the display, when it has a loop, on another. <paramref name="resume"/> is the command (after
+    /// gpt) that continues a stopped run.</summary>
     internal static int Run(CliContext context, bool json, int evalInterval, string resume,
         Func<IProgress<TrainingProgress>, CancellationToken, RunOutcome> train)
     {
@@ -61,7 +61,7 @@ internal static class RunDisplay
             if (!result.Cancelled) return 0;
             context.Error.WriteLine($"gpt: cancelled at step {result.Steps} of {result.TotalSteps}; " +
                                     (result.CheckpointDirectory is { } checkpoint ? $"checkpoint written to {checkpoint}; " : "") +
-                                    $"resume with: {resume} --resume {result.RunDirectory}");
+                                    $"resume with: {CommandHints.Gpt($"{resume} --resume {CommandHints.Quote(result.RunDirectory)}")}");
             return 130;
         }
         finally
@@ -312,7 +312,9 @@ internal static class RunDisplay
             if (result.ModelDirectory is { } model)
             {
                 _console.MarkupLine($"model: {Markup.Escape(model)}");
-                if (outcome.Try(model) is { } hint) _console.MarkupLine($"try: [blue]{Markup.Escape(hint)}[/]");
+                // Written as it is, not through Spectre, which would wrap it at the terminal's width (inside a quoted
+                // prompt, say) and break the command for copying.
+                if (outcome.Try(model) is { } hint) Console.Out.WriteLine($"try: {hint}");
             }
         }
     }

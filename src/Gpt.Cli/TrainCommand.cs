@@ -61,9 +61,9 @@ internal static class TrainCommand
                 SamplePrompt = Given(samplePrompt) ? RunDisplay.NullIfEmpty(parse.GetValue(samplePrompt)) : options.SamplePrompt,
                 SampleTokens = Given(sampleTokens) ? parse.GetValue(sampleTokens) : options.SampleTokens,
             };
-            return RunDisplay.Run(context, run.Json(parse), options.EvalInterval, "gpt train", (progress, token) =>
+            return RunDisplay.Run(context, run.Json(parse), options.EvalInterval, "train", (progress, token) =>
                 new RunOutcome(Trainer.Train(options, progress, token), [], [],
-                    model => $"gpt generate --model {model} --prompt \"Every effort moves you\""));
+                    model => CommandHints.Gpt($"generate --model {CommandHints.Quote(model)} --prompt \"Every effort moves you\"")));
         }));
         return command;
     }
