@@ -178,7 +178,7 @@ public sealed class TextClassifier : IDisposable
             Inner.Labels.Zip(p.Probabilities).ToDictionary(x => x.First, x => x.Second), p.Logits)).ToArray();
     }
 
-    /// <summary>Fine-tunes a classifier on a thread of its own (see <see cref="Trainer.TrainAsync"/>): cancelling stops
+    /// <summary>Fine-tunes a classifier on a thread of its own (see <see cref="Trainer.TrainAsync(TrainingOptions, IProgress{TrainingProgress}?, CancellationToken)"/>): cancelling stops
     /// after the current step with a checkpoint and the classifier so far.</summary>
     /// <exception cref="GptException">Through the task: bad options, unreadable texts (naming file and line), an
     /// unknown label, a model that cannot be loaded, an incompatible checkpoint.</exception>
@@ -189,7 +189,7 @@ public sealed class TextClassifier : IDisposable
         return Trainer.OnThreadOfItsOwn(() => FineTune(options, progress, cancellationToken));
     }
 
-    /// <summary>Fine-tunes a classifier on the calling thread (see <see cref="Trainer.Train"/>).</summary>
+    /// <summary>Fine-tunes a classifier on the calling thread (see <see cref="Trainer.Train(TrainingOptions, IProgress{TrainingProgress}?, CancellationToken)"/>).</summary>
     public static ClassificationResult FineTune(ClassifierTrainingOptions options, IProgress<TrainingProgress>? progress = null,
         CancellationToken cancellationToken = default)
     {

@@ -168,7 +168,7 @@ public sealed class InstructionModel : IDisposable
             yield return piece;
     }
 
-    /// <summary>Fine-tunes a model on instructions on a thread of its own (see <see cref="Trainer.TrainAsync"/>).</summary>
+    /// <summary>Fine-tunes a model on instructions on a thread of its own (see <see cref="Trainer.TrainAsync(TrainingOptions, IProgress{TrainingProgress}?, CancellationToken)"/>).</summary>
     public static Task<InstructionResult> FineTuneAsync(InstructionTrainingOptions options, IProgress<TrainingProgress>? progress = null,
         CancellationToken cancellationToken = default)
     {
@@ -176,7 +176,7 @@ public sealed class InstructionModel : IDisposable
         return Trainer.OnThreadOfItsOwn(() => FineTune(options, progress, cancellationToken));
     }
 
-    /// <summary>Fine-tunes a model on instructions on the calling thread (see <see cref="Trainer.Train"/>).</summary>
+    /// <summary>Fine-tunes a model on instructions on the calling thread (see <see cref="Trainer.Train(TrainingOptions, IProgress{TrainingProgress}?, CancellationToken)"/>).</summary>
     public static InstructionResult FineTune(InstructionTrainingOptions options, IProgress<TrainingProgress>? progress = null,
         CancellationToken cancellationToken = default)
     {

@@ -114,12 +114,30 @@ public static class Trainer
     /// (and a resume continues it exactly) when no other code draws from that generator meanwhile, such as a second
     /// run in the same process. A thread of its own gets glibc heaps that are unmapped as they empty: call
     /// <see cref="GptRuntime.TuneNativeAllocator"/> once at start-up (or set MALLOC_ARENA_MAX=1) for the speed of
-    /// <see cref="Train"/> on a program's main thread.</remarks>
+    /// <see cref="Train(TrainingOptions, IProgress{TrainingProgress}?, CancellationToken)"/> on a program's main thread.</remarks>
     public static Task<TrainingResult> TrainAsync(TrainingOptions options, IProgress<TrainingProgress>? progress = null,
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(options);
         return OnThreadOfItsOwn(() => Train(options, progress, cancellationToken));
+    }
+
+    /// <summary>Continues training <paramref name="model"/>, in memory, on a thread of its own: the model is trained in
+    /// place (its weights are the run's last when the task completes) and stays the caller's to dispose; the run still
+    /// writes its folder (checkpoints, metrics, the final model) as <see cref="TrainAsync(TrainingOptions, IProgress{TrainingProgress}?, CancellationToken)"/>
+    /// does. Do not use the model elsewhere until the task completes.</summary>
+    /// <param name="model">The model to train (its shape is the run's: <see cref="TrainingOptions.Model"/>, when set,
+    /// must be the same).</param>
+    /// <param name="options">What to train and how; not with <see cref="TrainingOptions.InitFrom"/>,
+    /// <see cref="RunSettings.ResumeFrom"/> or LoRA.</param>
+    /// <param name="progress">As for the other overload.</param>
+    /// <param name="cancellationToken">Stops the run, keeping its work.</param>
+    public static Task<TrainingResult> TrainAsync(GptModel model, TrainingOptions options, IProgress<TrainingProgress>? progress = null,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(options);
+        return OnThreadOfItsOwn(() => Train(model, options, progress, cancellationToken));
     }
 
     /// <summary>Runs a training run on a dedicated thread (TorchSharp's dispose scopes are per thread).</summary>
@@ -149,20 +167,33 @@ public static class Trainer
     /// tokens (plus the one target token after it).</summary>
     public static int TokensNeeded(int contextLength, double trainRatio) => Run.tokensNeeded(contextLength, trainRatio);
 
-    /// <summary>Trains on the calling thread, which is busy until the run ends: what <see cref="TrainAsync"/> does on a
+    /// <summary>Trains on the calling thread, which is busy until the run ends: what <see cref="TrainAsync(TrainingOptions, IProgress{TrainingProgress}?, CancellationToken)"/> does on a
     /// thread of its own. For a program's main thread, which has nothing else to do (the <c>gpt</c> command line): on
     /// Linux, glibc serves the main thread from its main heap, where freed blocks are kept for reuse; another thread
     /// gets a heap of its own, which glibc unmaps as it empties, so the same step page-faults several times as much
     /// (measured: 19,000 against 113,000 page faults per step of the default run). Never call it from a thread-pool
     /// thread inside async code.</summary>
-    /// <inheritdoc cref="TrainAsync" path="/param"/>
-    /// <inheritdoc cref="TrainAsync" path="/exception"/>
-    /// <inheritdoc cref="TrainAsync" path="/remarks"/>
+    /// <inheritdoc cref="TrainAsync(TrainingOptions, IProgress{TrainingProgress}?, CancellationToken)" path="/param"/>
+    /// <inheritdoc cref="TrainAsync(TrainingOptions, IProgress{TrainingProgress}?, CancellationToken)" path="/exception"/>
+    /// <inheritdoc cref="TrainAsync(TrainingOptions, IProgress{TrainingProgress}?, CancellationToken)" path="/remarks"/>
     public static TrainingResult Train(TrainingOptions options, IProgress<TrainingProgress>? progress = null,
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(options);
         return ToResult(Run.pretrain(options.ToFSharp(), Reporter(progress), cancellationToken));
+    }
+
+    /// <summary>Continues training <paramref name="model"/>, in memory, on the calling thread (see
+    /// <see cref="TrainAsync(GptModel, TrainingOptions, IProgress{TrainingProgress}?, CancellationToken)"/>).</summary>
+    /// <exception cref="GptException">As for the other overload; also a model with another shape than
+    /// <see cref="TrainingOptions.Model"/>, and InitFrom, ResumeFrom or LoRA given with it.</exception>
+    public static TrainingResult Train(GptModel model, TrainingOptions options, IProgress<TrainingProgress>? progress = null,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(options);
+        if (options.Texts is { } texts && texts.Any(t => t is null)) throw new ArgumentNullException(nameof(options), "TrainingOptions.Texts holds a null text");
+        return ToResult(Run.pretrain(options.ToFSharp(model), Reporter(progress), cancellationToken));
     }
 
     /// <summary>The core's run reports as <see cref="TrainingProgress"/>, with the run's plots (loss.png, and

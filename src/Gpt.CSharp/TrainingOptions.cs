@@ -1,4 +1,6 @@
 using Gpt.Training;
+using Microsoft.FSharp.Collections;
+using Microsoft.FSharp.Core;
 using FInitialization = Gpt.Training.ModelInitialization;
 using FRunOptions = Gpt.Training.RunOptions;
 
@@ -33,8 +35,14 @@ public sealed record TrainingOptions : RunSettings
     // ---- data ----
 
     /// <summary>The text to train on: a file, a folder (every file, recursively) or a glob such as
-    /// <c>data/*.txt</c>. Null: the built-in story (<see cref="Corpus.BuiltInStory"/>).</summary>
+    /// <c>data/*.txt</c>. Null: the built-in story (<see cref="Corpus.BuiltInStory"/>), or <see cref="Texts"/>.</summary>
     public string? Data { get; init; }
+
+    /// <summary>The texts to train on, given in memory, each a document (joined by <c>&lt;|endoftext|&gt;</c>), instead
+    /// of files (<see cref="Data"/>). The run's <c>run.json</c> records <c>"data": "(in memory)"</c> and their SHA-256:
+    /// a resume (<see cref="FromCheckpoint"/>) needs the same texts again, and says so when they are missing or
+    /// differ.</summary>
+    public IReadOnlyList<string>? Texts { get; init; }
 
     /// <summary>Share of the tokens, from the start, used for training; the rest is the validation text (the book
     /// splits 90/10 by position).</summary>
@@ -79,15 +87,18 @@ public sealed record TrainingOptions : RunSettings
     /// <exception cref="GptException">With a message naming the bad option.</exception>
     public void Validate() => RunOptionsModule.validate(ToFSharp());
 
-    internal FRunOptions ToFSharp() => new(
-        Options.SomeObject(Data), TrainRatio, Options.SomeObject(Model?.ToFSharp()),
+    /// <summary>The core's options; <paramref name="model"/>: a model to continue training in memory.</summary>
+    internal FRunOptions ToFSharp(GptModel? model = null) => new(
+        Options.SomeObject(Data),
+        Texts is null ? FSharpOption<FSharpList<string>>.None : FSharpOption<FSharpList<string>>.Some(ListModule.OfSeq(Texts)),
+        TrainRatio, Options.SomeObject(Model?.ToFSharp()),
         Initialization == ModelInitialization.TorchDefaults ? FInitialization.TorchDefaults : FInitialization.Gpt2,
-        Options.SomeObject(InitFrom), Options.Some(ContextLength), Options.Some(Stride), Options.SomeObject(SamplePrompt),
-        SampleTokens, ToSettings());
+        Options.SomeObject(InitFrom), Options.SomeObject(model?.Inner), Options.Some(ContextLength), Options.Some(Stride),
+        Options.SomeObject(SamplePrompt), SampleTokens, ToSettings());
 
     internal static TrainingOptions From(FRunOptions o) => new TrainingOptions(o.Training)
     {
-        Data = Options.ToObject(o.Data), TrainRatio = o.TrainRatio,
+        Data = Options.ToObject(o.Data), Texts = Options.ToObject(o.Texts)?.ToArray(), TrainRatio = o.TrainRatio,
         Model = Options.ToObject(o.Model) is { } model ? GptConfiguration.From(model) : null,
         Initialization = o.Initialization.IsTorchDefaults ? ModelInitialization.TorchDefaults : ModelInitialization.Gpt2,
         InitFrom = Options.ToObject(o.InitFrom), ContextLength = Options.ToNullable(o.ContextLength), Stride = Options.ToNullable(o.Stride),

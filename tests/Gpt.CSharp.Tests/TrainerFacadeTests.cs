@@ -135,6 +135,39 @@ public class TrainerFacadeTests
     }
 
     [Fact]
+    public async Task AModelAndTextsInMemoryTrainWithoutFiles()
+    {
+        using var folder = new TempFolder();
+        var story = Corpus.BuiltInStory.Text;
+        string[] texts = [story[..1500], story[1500..3000]];
+        using var model = GptModel.Create(TrainingOptions.DefaultModel with { Layers = 1, EmbeddingDim = 16, Heads = 2, ContextLength = 16, DropRate = 0 }, 3);
+        var before = model.Logits([[1, 2, 3]])[0][2];
+        var options = Tiny(folder.Path, "memory") with { Model = null, Texts = texts, MaxSteps = 2 };
+        var result = await Trainer.TrainAsync(model, options);
+        Assert.Equal(2, result.Steps);
+        var after = model.Logits([[1, 2, 3]])[0][2]; // trained in place, and still the caller's
+        Assert.NotEqual(before, after);
+        using (var saved = GptModel.Load(result.ModelDirectory!)) Assert.Equal(after, saved.Logits([[1, 2, 3]])[0][2]);
+        var runJson = File.ReadAllText(Path.Combine(result.RunDirectory, "run.json"));
+        Assert.Contains("\"data\": \"(in memory)\"", runJson);
+        Assert.Contains("\"init_from\": \"(in memory)\"", runJson);
+
+        // A resume needs the texts again.
+        var resumed = TrainingOptions.FromCheckpoint(result.RunDirectory) with { MaxSteps = 3 };
+        Assert.Null(resumed.Texts);
+        var error = await Assert.ThrowsAsync<GptException>(() => Trainer.TrainAsync(resumed));
+        Assert.Contains("was trained on texts given in memory, which are not on disk: give the same texts again", error.Message);
+        Assert.Equal(3, (await Trainer.TrainAsync(resumed with { Texts = texts })).Steps);
+
+        // What does not go together.
+        error = await Assert.ThrowsAsync<GptException>(() => Trainer.TrainAsync(model, options with { InitFrom = "gpt2", Name = "x" }));
+        Assert.Contains("either from a source (InitFrom: gpt2) or from memory (InitModel), not both", error.Message);
+        error = await Assert.ThrowsAsync<GptException>(() => Trainer.TrainAsync(options with { Data = "story.txt", Name = "y" }));
+        Assert.Contains("either from files (Data: story.txt) or from memory (Texts), not both", error.Message);
+        Assert.Throws<ArgumentNullException>(() => Trainer.Train(model, options with { Texts = ["a", null!] }));
+    }
+
+    [Fact]
     public void PresetsMatchTheBookAndTheDefaultRun()
     {
         var book = TrainingOptions.Book;

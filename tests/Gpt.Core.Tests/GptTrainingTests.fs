@@ -132,3 +132,62 @@ let tests =
             throwsGpt [ "the tokenizer 'gpt2' has 50257 tokens, more than the model's vocabulary of 12" ]
                 (fun () -> Trainer.train tinyOptions model { data with Tokenizer = Tokenizers.gpt2 () } None noEvents CancellationToken.None |> ignore) "vocabulary"
     ]
+
+[<Tests>]
+let inMemoryRunTests =
+    let story = Corpus.builtIn.Value.Text
+    let texts = [ story.Substring(0, 1500); story.Substring(1500, 1500) ]
+    let options (temp: TempDir) (name: string) =
+        { RunOptions.defaults with
+            Texts = Some texts; ContextLength = Some 16; SamplePrompt = None
+            Training =
+                { TrainingSettings.defaults with
+                    MaxSteps = Some 3; BatchSize = 2; EvalInterval = 3; EvalBatches = 1; OutputDirectory = temp.Path; Name = Some name } }
+    let smallGpt () = new GptModel({ GptConfig.gpt2Small with ContextLength = 16; EmbeddingDim = 16; Heads = 2; Layers = 1; DropRate = 0.0 }, 5L)
+    testSequenced <| testList "runs on texts and a model given in memory" [
+        testCase "a model given in memory is trained in place on texts given in memory, and stays the caller's" <| fun () ->
+            use temp = new TempDir()
+            use model = smallGpt ()
+            let before = model.FinalNorm.Scale.detach().clone()
+            let result = Run.pretrain { options temp "memory" with InitModel = Some model } ignore CancellationToken.None
+            Expect.equal result.Steps 3 "three steps"
+            Expect.isFalse (model.FinalNorm.Scale.detach().allclose(before, rtol = 0.0, atol = 0.0)) "the caller's model was trained"
+            use saved = Pretrained.load result.ModelDirectory.Value
+            use ids = torch.tensor([| 10L; 20L; 30L |]).view(1L, 3L)
+            use _ = torch.no_grad ()
+            expectEqual (model.forward ids) (saved.forward ids) "not disposed, and the same weights as model/"
+            let runJson = Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(result.RunDirectory, "run.json")))
+            Expect.equal (runJson["data"].GetValue<string>()) "(in memory)" "data"
+            Expect.equal (runJson["init_from"].GetValue<string>()) "(in memory)" "init_from"
+            Expect.equal (runJson["texts"].GetValue<int>()) 2 "two texts"
+            Expect.equal (runJson["texts_sha256"].GetValue<string>()) (RunFile.textsDigest texts) "their digest"
+
+        testCase "a resume needs the texts again, and the same ones" <| fun () ->
+            use temp = new TempDir()
+            let first = Run.pretrain (options temp "resumable") ignore CancellationToken.None
+            let resumed = RunOptions.fromCheckpoint first.RunDirectory
+            Expect.equal (resumed.Data, resumed.Texts, resumed.InitFrom) (None, None, None) "nothing on disk to point to"
+            let longer = { resumed with Training = { resumed.Training with MaxSteps = Some 4 } }
+            throwsGpt [ "was trained on texts given in memory, which are not on disk: give the same texts again" ]
+                (fun () -> Run.pretrain longer ignore CancellationToken.None |> ignore) "no texts: not the built-in story in their place"
+            throwsGpt [ "was trained on other texts than those given" ]
+                (fun () -> Run.pretrain { longer with Texts = Some(List.rev texts) } ignore CancellationToken.None |> ignore) "other texts"
+            let again = Run.pretrain { longer with Texts = Some texts } ignore CancellationToken.None
+            Expect.equal again.Steps 4 "resumed with the same texts"
+
+        testCase "in-memory options that do not go together are clear errors, and the caller's model survives them" <| fun () ->
+            use temp = new TempDir()
+            use model = smallGpt ()
+            let run o = fun () -> Run.pretrain o ignore CancellationToken.None |> ignore
+            let o = { options temp "bad" with InitModel = Some model }
+            throwsGpt [ "either from files (Data: story.txt) or from memory (Texts), not both" ] (run { o with Data = Some "story.txt" }) "data and texts"
+            throwsGpt [ "either from a source (InitFrom: gpt2) or from memory (InitModel), not both" ] (run { o with InitFrom = Some "gpt2" }) "two models"
+            throwsGpt [ "LoRA adapters are not attached to a model given in memory" ] (run { o with Training = { o.Training with Lora = Some(LoraSettings.create 2 None None) } }) "LoRA"
+            throwsGpt [ "does not go with ResumeFrom" ] (run { o with Training = { o.Training with ResumeFrom = Some temp.Path } }) "resume"
+            throwsGpt [ "text 2 of the texts given in memory is null" ] (run { o with Texts = Some [ "a"; null ] }) "a null text"
+            throwsGpt [ "the text is empty (the texts given in memory)" ] (run { o with Texts = Some [] }) "no texts"
+            throwsGpt [ "the model given in memory brings its own model"; "layers" ] (run { o with Model = Some { model.Config with Layers = 2 } }) "another shape"
+            use ids = torch.tensor([| 1L; 2L |]).view(1L, 2L)
+            use _ = torch.no_grad ()
+            Expect.equal (model.forward ids).shape [| 1L; 2L; 50257L |] "the model still works"
+    ]

@@ -109,8 +109,11 @@ module TrainingSettings =
 
 /// Everything that shapes a pretraining run: every `gpt train` option.
 type RunOptions =
-    { /// A file, a folder (every file, recursively) or a glob; None: the built-in story.
+    { /// A file, a folder (every file, recursively) or a glob; None: the built-in story (or Texts).
       Data: string option
+      /// Texts given in memory, each a document, instead of files (Data). run.json records "(in memory)" and their
+      /// SHA-256: a resume needs the same texts again.
+      Texts: string list option
       /// Share of the tokens, from the start, used for training; the rest is the validation text.
       TrainRatio: float
       /// The shape of a fresh model (None: the default model). InitFrom and ResumeFrom bring their own: a shape given
@@ -119,6 +122,9 @@ type RunOptions =
       Initialization: ModelInitialization
       /// Continue pretraining a model (any model source) instead of starting from random weights.
       InitFrom: string option
+      /// Continue pretraining this model, given in memory, instead of a source (InitFrom): it is trained in place (its
+      /// weights are the run's when it ends) and never disposed by the run. Not with LoRA.
+      InitModel: GptModel option
       /// Tokens per training window (None: the model's context length).
       ContextLength: int option
       /// Distance between window starts (None: the context length, no overlap).
@@ -196,13 +202,31 @@ type RunResult =
 module RunFile =
     let fileName = "run.json"
 
+    /// What run.json says in place of a path when the texts or the model were given in memory.
+    let inMemory = "(in memory)"
+
     /// What a pretraining run's run.json records.
     type Contents =
         { Data: string option
+          /// The texts were given in memory: the SHA-256 of them all (textsDigest), to check them on a resume.
+          TextsDigest: string option
           TrainRatio: float
           InitFrom: string option
+          /// The run started from a model given in memory (InitModel).
+          InitFromMemory: bool
           Initialization: ModelInitialization
           Lora: LoraSettings option }
+
+    /// The SHA-256 of texts, each with its length first so that the boundaries count, as lower-case hex.
+    let textsDigest (texts: string list) =
+        use sha = Security.Cryptography.SHA256.Create()
+        for text in texts do
+            let bytes = Text.Encoding.UTF8.GetBytes text
+            let length = BitConverter.GetBytes(int64 bytes.Length)
+            sha.TransformBlock(length, 0, length.Length, null, 0) |> ignore
+            sha.TransformBlock(bytes, 0, bytes.Length, null, 0) |> ignore
+        sha.TransformFinalBlock([||], 0, 0) |> ignore
+        Convert.ToHexStringLower sha.Hash
 
     /// LoRA settings as JSON (null: none).
     let loraJson (lora: LoraSettings option) : JsonNode =
@@ -233,27 +257,40 @@ module RunFile =
     /// Writes a pretraining run's run.json.
     let write (runDirectory: string) (options: RunOptions) =
         let json = JsonObject()
-        json["data"] <- options.Data |> Option.map (fun d -> JsonValue.Create(Path.GetFullPath d) :> JsonNode) |> Option.toObj
+        match options.Texts with
+        | Some texts ->
+            json["data"] <- inMemory
+            json["texts"] <- texts.Length
+            json["texts_sha256"] <- textsDigest texts
+        | None -> json["data"] <- options.Data |> Option.map (fun d -> JsonValue.Create(Path.GetFullPath d) :> JsonNode) |> Option.toObj
         json["train_ratio"] <- options.TrainRatio
         json["tokenizer"] <- "gpt2"
         json["init_from"] <-
-            options.InitFrom |> Option.map (fun d -> JsonValue.Create(if Directory.Exists d || File.Exists d then Path.GetFullPath d else d) :> JsonNode) |> Option.toObj
-        json["initialization"] <- (if options.InitFrom.IsNone then JsonValue.Create(string options.Initialization) :> JsonNode else null)
+            match options.InitModel with
+            | Some _ -> JsonValue.Create inMemory :> JsonNode
+            | None ->
+                options.InitFrom |> Option.map (fun d -> JsonValue.Create(if Directory.Exists d || File.Exists d then Path.GetFullPath d else d) :> JsonNode) |> Option.toObj
+        json["initialization"] <- (if options.InitFrom.IsNone && options.InitModel.IsNone then JsonValue.Create(string options.Initialization) :> JsonNode else null)
         json["lora"] <- loraJson options.Training.Lora
         writeJson runDirectory json
 
     /// A pretraining run's run.json; the built-in story, 90/10 and a fresh model when the run has none.
     let read (runDirectory: string) : Contents =
         let path = Path.Combine(runDirectory, fileName)
-        let none = { Data = None; TrainRatio = Loss.defaultTrainRatio; InitFrom = None; Initialization = ModelInitialization.Gpt2; Lora = None }
+        let none =
+            { Data = None; TextsDigest = None; TrainRatio = Loss.defaultTrainRatio; InitFrom = None; InitFromMemory = false
+              Initialization = ModelInitialization.Gpt2; Lora = None }
         if not (File.Exists path) then none
         else
             try
                 let json = JsonNode.Parse(File.ReadAllText path)
                 let text (key: string) = match json[key] with null -> None | node -> Some(node.GetValue<string>())
-                { Data = text "data"
+                let path (key: string) = text key |> Option.filter (fun value -> value <> inMemory)
+                { Data = path "data"
+                  TextsDigest = (if text "data" = Some inMemory then text "texts_sha256" else None)
                   TrainRatio = match json["train_ratio"] with null -> Loss.defaultTrainRatio | node -> node.GetValue<float>()
-                  InitFrom = text "init_from"
+                  InitFrom = path "init_from"
+                  InitFromMemory = (text "init_from" = Some inMemory)
                   Initialization = (if text "initialization" = Some "TorchDefaults" then ModelInitialization.TorchDefaults else ModelInitialization.Gpt2)
                   Lora = loraOf json["lora"] }
             with
@@ -271,8 +308,8 @@ module RunOptions =
     /// The default run: the default model on the built-in story for 20 epochs (TrainingSettings.defaults), a sample of
     /// 40 tokens after "Every effort moves you" at every epoch end.
     let defaults =
-        { Data = None; TrainRatio = Loss.defaultTrainRatio; Model = None; Initialization = ModelInitialization.Gpt2
-          InitFrom = None; ContextLength = None; Stride = None; SamplePrompt = Some "Every effort moves you"; SampleTokens = 40
+        { Data = None; Texts = None; TrainRatio = Loss.defaultTrainRatio; Model = None; Initialization = ModelInitialization.Gpt2
+          InitFrom = None; InitModel = None; ContextLength = None; Stride = None; SamplePrompt = Some "Every effort moves you"; SampleTokens = 40
           Training = TrainingSettings.defaults }
 
     /// The book's chapter 5 run: gpt2-small with 256 positions, no QKV bias and an untied head (162M parameters),
@@ -297,7 +334,7 @@ module RunOptions =
         | root -> root
 
     /// The options a run was trained with, read back from its folder or a checkpoint, with ResumeFrom = path: change
-    /// MaxSteps or Epochs to extend it.
+    /// MaxSteps or Epochs to extend it. Texts given in memory are not on disk: set Texts to them again.
     let fromCheckpoint (path: string) : RunOptions =
         let directory = Checkpoint.resolve path
         let state = Checkpoint.read directory
@@ -306,8 +343,8 @@ module RunOptions =
         let file = RunFile.read runDirectory
         // A LoRA run rebuilds its frozen base the way it started; a whole-model run brings its model in the checkpoint.
         let start, initialization = if file.Lora.IsSome then file.InitFrom, file.Initialization else None, ModelInitialization.Gpt2
-        { Data = file.Data; TrainRatio = file.TrainRatio; Model = Some(Pretrained.parseConfig directory state.ModelConfiguration)
-          Initialization = initialization; InitFrom = start; ContextLength = Some stored.ContextLength
+        { Data = file.Data; Texts = None; TrainRatio = file.TrainRatio; Model = Some(Pretrained.parseConfig directory state.ModelConfiguration)
+          Initialization = initialization; InitFrom = start; InitModel = None; ContextLength = Some stored.ContextLength
           Stride = Some stored.Stride; SamplePrompt = stored.SamplePrompt; SampleTokens = stored.SampleTokens
           Training = { TrainingSettings.ofTrainerOptions stored runDirectory path with Lora = file.Lora } }
 
@@ -321,6 +358,23 @@ module RunOptions =
         // A LoRA run resumes on the base it started from: its InitFrom stays.
         if options.Training.ResumeFrom.IsSome && options.InitFrom.IsSome && options.Training.Lora.IsNone then
             Errors.fail "--resume and --init-from do not go together: --resume continues a run with its own model, --init-from starts a new run from a model"
+        if options.Data.IsSome && options.Texts.IsSome then
+            Errors.fail "the text comes either from files (Data: %s) or from memory (Texts), not both" options.Data.Value
+        match options.Texts with
+        | Some texts -> texts |> List.iteri (fun index text -> if isNull text then Errors.fail "text %d of the texts given in memory is null" (index + 1))
+        | None -> ()
+        match options.InitModel with
+        | None -> ()
+        | Some model ->
+            if isNull (box model) then Errors.fail "the model given in memory is null"
+            if options.InitFrom.IsSome then
+                Errors.fail "the model to continue comes either from a source (InitFrom: %s) or from memory (InitModel), not both" options.InitFrom.Value
+            if options.Training.ResumeFrom.IsSome then
+                Errors.fail "a resumed run brings its own model (its checkpoint): a model given in memory does not go with ResumeFrom"
+            if options.Training.Lora.IsSome then
+                Errors.fail "LoRA adapters are not attached to a model given in memory (they would change the caller's model): save it (Pretrained.save; C#: GptModel.Save) and give its folder as InitFrom"
+            if options.Initialization = ModelInitialization.TorchDefaults then
+                Errors.fail "a model given in memory brings its own weights: --init does not apply"
         Errors.require (options.TrainRatio > 0.0 && options.TrainRatio < 1.0)
             "the training ratio must be between 0 and 1 (exclusive), found %g" options.TrainRatio
         TrainingSettings.validate options.Training
@@ -356,11 +410,11 @@ module Run =
         Seq.initInfinite (fun i -> if i = 0 then stem else sprintf "%s-%d" stem (i + 1))
         |> Seq.find (fun name -> not (Directory.Exists(Path.Combine(outputDirectory, name))))
 
-    /// Fails when a shape was asked for that the model a run brings does not have.
-    let private checkShape (what: string) (owner: string) (options: RunOptions) (model: GptModel) =
+    /// Fails when a shape was asked for that the model a run brings does not have (disposing it when the run owns it).
+    let private checkShape (what: string) (owner: string) (options: RunOptions) (model: GptModel, owned: bool) =
         match options.Model |> Option.map (GptConfig.differences owner model.Config) with
         | Some(_ :: _ as different) ->
-            model.Dispose()
+            if owned then model.Dispose()
             Errors.fail "%s brings its own model: %s cannot change it" what (String.concat ", " different)
         | _ -> ()
 
@@ -382,28 +436,43 @@ module Run =
             Errors.fail "'%s' already holds a run: resume it (--resume %s) or choose another name" runDirectory runDirectory
         runDirectory
 
-    /// The model a new run starts from: a pretrained one or a fresh one.
-    let private startingModel (options: RunOptions) : GptModel =
+    /// The model a new run starts from, and whether the run owns it (disposes it): the one given in memory (not
+    /// owned), a pretrained one, or a fresh one.
+    let private startingModel (options: RunOptions) : GptModel * bool =
         let config = options.Model |> Option.defaultValue RunOptions.defaultModel
-        match options.InitFrom, options.Initialization with
-        | Some init, _ -> ModelSource.load init
-        | None, ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed)
-        | None, ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed)
+        match options.InitModel, options.InitFrom, options.Initialization with
+        | Some model, _, _ -> model, false
+        | None, Some init, _ -> ModelSource.load init, true
+        | None, None, ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed), true
+        | None, None, ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed), true
 
-    /// The run folder and the model a run starts from: a checkpoint's (resume; a LoRA checkpoint holds only the
-    /// adapters, so its base is rebuilt as it started), a pretrained one, or a fresh one.
-    let private prepareModel (options: RunOptions) : string * string option * GptModel =
+    /// A resumed run's data must be where it was: texts that were given in memory are not on disk, so they must be
+    /// given again, and be the same.
+    let private checkResumedTexts (runDirectory: string) (options: RunOptions) =
+        match (RunFile.read runDirectory).TextsDigest, options.Texts with
+        | Some _, None when options.Data.IsNone ->
+            Errors.fail "run '%s' was trained on texts given in memory, which are not on disk: give the same texts again (RunOptions.Texts; C#: TrainingOptions.Texts) to resume it" runDirectory
+        | Some digest, Some texts when RunFile.textsDigest texts <> digest ->
+            Errors.fail "run '%s' was trained on other texts than those given (SHA-256 %s, given %s): resume it with the same texts" runDirectory digest (RunFile.textsDigest texts)
+        | _ -> ()
+
+    /// The run folder and the model a run starts from, and whether the run owns that model: a checkpoint's (resume; a
+    /// LoRA checkpoint holds only the adapters, so its base is rebuilt as it started), one given in memory, a
+    /// pretrained one, or a fresh one.
+    let private prepareModel (options: RunOptions) : string * string option * GptModel * bool =
         match options.Training.ResumeFrom with
         | Some resume ->
             let checkpoint, runDirectory = resumedDirectory options.Training resume
-            let model = if Checkpoint.holdsWholeModel checkpoint then Checkpoint.loadGpt checkpoint else startingModel options
-            checkShape "--resume" "the run" options model
-            runDirectory, Some checkpoint, model
+            checkResumedTexts runDirectory options
+            let model, owned = if Checkpoint.holdsWholeModel checkpoint then Checkpoint.loadGpt checkpoint, true else startingModel options
+            checkShape "--resume" "the run" options (model, owned)
+            runDirectory, Some checkpoint, model, owned
         | None ->
             let runDirectory = freshDirectory options.Training
-            let model = startingModel options
-            if options.InitFrom.IsSome then checkShape "--init-from" "the model" options model
-            runDirectory, None, model
+            let model, owned = startingModel options
+            if options.InitFrom.IsSome then checkShape "--init-from" "the model" options (model, owned)
+            if options.InitModel.IsSome then checkShape "the model given in memory" "the model" options (model, owned)
+            runDirectory, None, model, owned
 
     /// Attaches a run's adapters and freezes the base (LoRA); nothing without LoRA settings.
     let attachAdapters (settings: TrainingSettings) (model: GptModel) =
@@ -425,7 +494,11 @@ module Run =
 
     /// The text of a run as token ids, checked to give both splits a window.
     let private tokens (options: RunOptions) (documents: Corpus.Document[]) (tokenizer: ITokenizer) (contextLength: int) =
-        let source = options.Data |> Option.defaultValue "the built-in story"
+        let source =
+            match options.Texts, options.Data with
+            | Some _, _ -> "the texts given in memory"
+            | None, Some data -> data
+            | None, None -> "the built-in story"
         let needed = tokensNeeded contextLength options.TrainRatio
         let advice =
             sprintf "at least %d are needed for context length %d with a %.0f%% training split (%d tokens in each split): use more text or a shorter context length"
@@ -486,9 +559,14 @@ module Run =
         RunOptions.validate options
         let tokenizer = Tokenizers.gpt2 ()
         // The text first: a missing file is found before a large model is built.
-        let documents = options.Data |> Option.map Corpus.load |> Option.defaultWith (fun () -> [| Corpus.builtIn.Value |])
-        let runDirectory, resumeFrom, model = prepareModel options
-        use model = model
+        let documents =
+            match options.Texts, options.Data with
+            | Some texts, _ -> texts |> List.mapi (fun index text -> ({ Source = sprintf "text %d (in memory)" (index + 1); Text = text }: Corpus.Document)) |> Array.ofList
+            | None, Some data -> Corpus.load data
+            | None, None -> [| Corpus.builtIn.Value |]
+        let runDirectory, resumeFrom, model, owned = prepareModel options
+        // A model given in memory is the caller's: trained in place, never disposed here.
+        use _owner = if owned then model :> IDisposable else { new IDisposable with member _.Dispose() = () }
         attachAdapters options.Training model
         if options.Training.Lora.IsSome then Lora.freezeBase (fun _ -> false) model |> ignore
         let config = model.Config
