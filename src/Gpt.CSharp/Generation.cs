@@ -107,23 +107,51 @@ public sealed partial class GptModel
 
     /// <summary>Streams the continuation of a text prompt: each piece is yielded as soon as it forms valid UTF-8
     /// (never half a character); the pieces concatenate to the generated text.</summary>
+    /// <remarks>
+    /// <para>The computation (the prompt's encoding, each step of the model) runs on the thread pool, never on the
+    /// caller's <see cref="SynchronizationContext"/>: a UI thread stays free, and only the loop body of the caller's
+    /// <c>await foreach</c> runs on its context.</para>
+    /// <para>Cancellation follows the .NET convention for async streams: cancelling
+    /// <paramref name="cancellationToken"/> (or the one given through <c>WithCancellation</c>) stops before the next
+    /// step and throws <see cref="OperationCanceledException"/> from the <c>await foreach</c>; the pieces received
+    /// until then are the text generated so far, and the model is ready for the next call. (Training differs on
+    /// purpose: a cancelled run keeps its work in a checkpoint, so it ends normally with
+    /// <see cref="TrainingResult.Cancelled"/> set.)</para>
+    /// </remarks>
+    /// <exception cref="OperationCanceledException">The token was cancelled.</exception>
+    /// <exception cref="GptException">Bad settings or ids outside the vocabulary.</exception>
     public async IAsyncEnumerable<string> StreamAsync(string prompt, GenerationSettings? settings = null, Tokenizer? tokenizer = null,
         [EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(prompt);
-        var pieces = Generator.streamText(LanguageModel, (tokenizer ?? Tokenizer.Gpt2).Inner, (settings ?? new GenerationSettings()).ToFSharp(Inner), prompt);
-        // Each step opens and closes its own dispose and no-grad scopes, so moving between threads between steps is safe.
-        using var enumerator = pieces.GetEnumerator();
-        while (true)
+        var options = (settings ?? new GenerationSettings()).ToFSharp(Inner);
+        var inner = (tokenizer ?? Tokenizer.Gpt2).Inner;
+        // Each step opens and closes its own dispose and no-grad scopes, so moving between pool threads between steps
+        // is safe.
+        IEnumerator<string>? enumerator = null;
+        try
         {
-            cancellationToken.ThrowIfCancellationRequested();
-            if (!enumerator.MoveNext()) yield break;
-            yield return enumerator.Current;
-            await Task.Yield();
+            while (true)
+            {
+                cancellationToken.ThrowIfCancellationRequested();
+                var more = await Task.Run(() =>
+                {
+                    enumerator ??= Generator.streamText(LanguageModel, inner, options, prompt).GetEnumerator();
+                    return enumerator.MoveNext();
+                }, cancellationToken).ConfigureAwait(false);
+                if (!more) yield break;
+                yield return enumerator!.Current;
+            }
+        }
+        finally
+        {
+            enumerator?.Dispose();
         }
     }
 
-    /// <summary>Streams the continuation synchronously, calling <paramref name="onPiece"/> for each piece; returns the whole text.</summary>
+    /// <summary>Streams the continuation synchronously, calling <paramref name="onPiece"/> for each piece; returns the
+    /// whole text. Cancelling throws <see cref="OperationCanceledException"/> before the next step, as
+    /// <see cref="StreamAsync"/> does.</summary>
     public string Stream(string prompt, Action<string> onPiece, GenerationSettings? settings = null, Tokenizer? tokenizer = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(prompt);

@@ -154,13 +154,33 @@ public sealed class InstructionModel : IDisposable
         FInstruction.respond(_model.Inner, Tokenizer.Gpt2.Inner, ToFSharp(Style), Settings(settings).ToFSharp(_model.Inner),
             (entry ?? throw new ArgumentNullException(nameof(entry))).ToFSharp());
 
-    /// <summary>The response computed off the caller's thread (generation never runs on the caller's synchronisation
-    /// context).</summary>
-    public Task<string> RespondAsync(InstructionEntry entry, GenerationSettings? settings = null, CancellationToken cancellationToken = default) =>
-        Task.Run(() => Respond(entry, settings), cancellationToken);
+    /// <summary>The response computed on the thread pool (generation never runs on the caller's synchronisation
+    /// context). Cancelling stops before the next token and throws <see cref="OperationCanceledException"/>, as
+    /// <see cref="StreamAsync"/> does.</summary>
+    /// <exception cref="OperationCanceledException">The token was cancelled.</exception>
+    public Task<string> RespondAsync(InstructionEntry entry, GenerationSettings? settings = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(entry);
+        var options = Settings(settings).ToFSharp(_model.Inner);
+        var style = ToFSharp(Style);
+        return Task.Run(() =>
+        {
+            var text = new System.Text.StringBuilder();
+            foreach (var piece in FInstruction.streamResponse(_model.Inner, Tokenizer.Gpt2.Inner, style, options, entry.ToFSharp()))
+            {
+                cancellationToken.ThrowIfCancellationRequested();
+                text.Append(piece);
+            }
+            // The pieces concatenate to the decoded tokens: the same response as Respond's.
+            return InstructionData.response(style, text.ToString());
+        }, cancellationToken);
+    }
 
     /// <summary>The generated continuation of the prompt as it comes, piece by piece (the response marker is part of it:
-    /// the whole text, trimmed after the marker, is <see cref="Respond"/>'s result).</summary>
+    /// the whole text, trimmed after the marker, is <see cref="Respond"/>'s result). Computed on the thread pool, never
+    /// on the caller's synchronisation context; cancelling throws <see cref="OperationCanceledException"/> from the
+    /// <c>await foreach</c> (see <see cref="GptModel.StreamAsync"/>).</summary>
+    /// <exception cref="OperationCanceledException">The token was cancelled.</exception>
     public async IAsyncEnumerable<string> StreamAsync(InstructionEntry entry, GenerationSettings? settings = null,
         [EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
