@@ -130,4 +130,39 @@ public class ScriptTests
         Assert.Contains("adapter: adapter_config.json, adapter_model.safetensors, classifier_config.json", output);
         Assert.DoesNotContain("the merged model agrees: false", output);
     }
+
+    [Fact]
+    public void AppendixAScript()
+    {
+        var clock = Stopwatch.StartNew();
+        var (code, output) = RunScript("appendix-a-torchsharp.fsx");
+        Assert.True(code == 0, output);
+        Assert.Contains("dimensions: 0 1 2 3", output);
+        Assert.Contains("matrix @ matrix.T = [|14L; 32L; 32L; 77L|]", output);
+        Assert.Contains("autograd.grad: dL/dw1 = -0.0898, dL/db = -0.0817", output);
+        Assert.Contains("loss.backward(): w1.grad = -0.0898, b.grad = -0.0817", output);
+        Assert.Contains("NeuralNetwork(50, 3): 2213 trainable parameters", output);
+        Assert.Contains("Epoch: 003/003 | Batch 001/002 | Train Loss:", output);
+        Assert.Contains("training accuracy 1.0, test accuracy 1.0", output);
+        Assert.Contains("reloaded model gives the same logits: true", output);
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"took {clock.Elapsed}");
+    }
+
+    [Fact]
+    public void AppendixDScript()
+    {
+        var clock = Stopwatch.StartNew();
+        var (code, output) = RunScript("appendix-d-training-loop.fsx");
+        Assert.True(code == 0, output);
+        Assert.Contains("18 batches per epoch, 2 epochs: 36 steps, 7 of them warmup", output);
+        Assert.Contains("   7  0.010000            0.010000", output); // the peak, where the warmup ends
+        Assert.Contains("largest difference over all 36 steps: 0", output);
+        var norms = System.Text.RegularExpressions.Regex.Match(output, @"global gradient norm by hand ([0-9.]+), Optimizer.gradientNorm ([0-9.]+)");
+        Assert.True(norms.Success, output);
+        Assert.Equal(norms.Groups[1].Value, norms.Groups[2].Value);
+        Assert.Contains($"clipped to max_norm 1.0: norm before {norms.Groups[1].Value}, after 1.0000", output);
+        Assert.Contains("36 steps; rates: first 0.000100, peak 0.010000 at step 7, last 0.000039", output);
+        Assert.Contains("the trainer's 8 rates equal Schedule.learningRate: true", output);
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(90), $"took {clock.Elapsed}");
+    }
 }
