@@ -109,7 +109,9 @@ module TrainBench =
           WarmupSteps: int
           TimedSteps: int
           FirstLoss: float
-          LastLoss: float }
+          LastLoss: float
+          /// Where it trained: cpu or cuda:N.
+          Device: string }
 
     /// Token windows of the built-in story (GPT-2 BPE): `count` random windows of length + 1 tokens, seeded.
     let storyBatches (seed: int) (batchSize: int) (length: int) (count: int) : (int64[] * int64[])[] =
@@ -157,7 +159,9 @@ module TrainBench =
     /// Trains a fresh model of the preset (seeded) for `warmup` untimed and `steps` timed steps on built-in-story
     /// tokens, with AdamW (the book's settings: lr 4e-4, weight decay 0.1 on the matrices).
     /// Steps of a preset's model; with LoRA settings, adapters train on the frozen model (appendix E).
-    let run (preset: Preset) (lora: LoraSettings option) (warmup: int) (steps: int) (seed: int) : TrainResult =
+    /// On `device` (MFU is still against this machine's CPU matmul speed).
+    let run (preset: Preset) (lora: LoraSettings option) (device: Device) (warmup: int) (steps: int) (seed: int) : TrainResult =
+        let target = Device.resolve device // a device that is not there fails before the model is built
         Errors.require (warmup >= 0) "warm-up steps must not be negative, found %d" warmup
         Errors.require (steps > 0) "timed steps must be positive, found %d" steps
         // Each part of a suite run in one process reports its own peak: what earlier parts freed is given back first.
@@ -171,6 +175,7 @@ module TrainBench =
         lora |> Option.iter (fun settings ->
             Lora.attach settings (int64 seed) model |> ignore
             Lora.freezeBase (fun _ -> false) model |> ignore)
+        Device.place device model |> ignore // before the optimizer takes the parameters
         use optimizer = Optimizer.adamW Optimizer.defaults model
         let batches = storyBatches seed preset.BatchSize preset.SequenceLength (warmup + steps)
         let losses = ResizeArray<float>()
@@ -217,4 +222,5 @@ module TrainBench =
           WarmupSteps = warmup
           TimedSteps = steps
           FirstLoss = losses[0]
-          LastLoss = losses[losses.Count - 1] }
+          LastLoss = losses[losses.Count - 1]
+          Device = Device.describe target }

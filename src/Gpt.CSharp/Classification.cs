@@ -164,6 +164,19 @@ public sealed class TextClassifier : IDisposable
     /// <summary>Number of parameters.</summary>
     public long ParameterCount => Inner.ParameterCount;
 
+    /// <summary>Where the parameters are: <c>cpu</c>, or <c>cuda:N</c>.</summary>
+    public string Device => Gpt.Model.DeviceModule.describe(Inner.parameters().First().device);
+
+    /// <summary>Moves the classifier to a device (<c>cpu</c>, <c>cuda</c>, <c>cuda:N</c>, <c>auto</c>) and returns
+    /// it.</summary>
+    /// <exception cref="GptException">An unknown device, or CUDA where there is none.</exception>
+    public TextClassifier ToDevice(string device)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        Gpt.Model.DeviceModule.place(Gpt.Model.DeviceModule.parse(device), Inner);
+        return this;
+    }
+
     /// <summary>Classifies a text (GPT-2's tokenizer unless another is given).</summary>
     /// <exception cref="GptException">An empty text.</exception>
     public ClassPrediction Classify(string text, Tokenizer? tokenizer = null) =>

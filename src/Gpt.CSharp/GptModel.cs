@@ -96,6 +96,22 @@ public sealed partial class GptModel : IDisposable
     /// <summary>Number of parameters.</summary>
     public long ParameterCount => Inner.ParameterCount;
 
+    /// <summary>Where the parameters are: <c>cpu</c>, or <c>cuda:N</c>. Generation, logits and training run there
+    /// (inputs follow the model).</summary>
+    public string Device => Gpt.Model.DeviceModule.describe(Inner.parameters().First().device);
+
+    /// <summary>Moves the model to a device and returns it: <c>cpu</c>, <c>cuda</c>, <c>cuda:N</c> or <c>auto</c>
+    /// (CUDA when torch sees a device, else the CPU).</summary>
+    /// <exception cref="GptException">An unknown device, or CUDA where there is none (this build uses TorchSharp-cpu:
+    /// the message says how to make a CUDA build).</exception>
+    public GptModel ToDevice(string device)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        Gpt.Model.DeviceModule.place(Gpt.Model.DeviceModule.parse(device), Inner);
+        _languageModel = null; // its cached device
+        return this;
+    }
+
     /// <summary>Logits [batch, length, vocabulary] for token ids [batch, length], in evaluation mode without gradients.</summary>
     public torch.Tensor Logits(torch.Tensor ids)
     {
@@ -118,7 +134,7 @@ public sealed partial class GptModel : IDisposable
         using var ids = torch.tensor(sequences.SelectMany(s => s.Select(i => (long)i)).ToArray()).view(sequences.Count, length);
         using var logits = Logits(ids);
         var vocabulary = (int)logits.shape[2];
-        var flat = logits.contiguous().data<float>().ToArray();
+        var flat = logits.cpu().contiguous().data<float>().ToArray(); // from the model's device
         return Enumerable.Range(0, sequences.Count).Select(b =>
             Enumerable.Range(0, length).Select(t => flat.AsSpan((b * length + t) * vocabulary, vocabulary).ToArray()).ToArray()).ToArray();
     }

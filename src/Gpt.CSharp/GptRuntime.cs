@@ -15,6 +15,23 @@ public static class GptRuntime
     /// passive.</summary>
     public static bool PreferPassiveThreadWaiting() => Gpt.Kernels.NativeThreads.preferPassiveWaiting();
 
+    /// <summary>The device a setting names on this machine and build: <c>cpu</c> or <c>cuda:N</c> for <c>cpu</c>,
+    /// <c>cuda</c>, <c>cuda:N</c> or <c>auto</c> (CUDA when torch sees a device, else the CPU).</summary>
+    /// <exception cref="GptException">An unknown device (the message names what was expected and found), or CUDA where
+    /// there is none: this build uses TorchSharp-cpu, and the message says how to make a CUDA build.</exception>
+    public static string ResolveDevice(string device)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        return Gpt.Model.DeviceModule.describe(Gpt.Model.DeviceModule.resolve(Gpt.Model.DeviceModule.parse(device)));
+    }
+
+    /// <summary>Whether torch sees a CUDA device (never with this build's TorchSharp-cpu).</summary>
+    public static bool CudaAvailable => Gpt.Model.DeviceModule.cudaAvailable();
+
+    /// <summary>The TorchSharp package this build uses: <c>cpu</c> (TorchSharp-cpu) or <c>cuda</c> (built with
+    /// <c>-p:TorchBackend=cuda</c>).</summary>
+    public static string TorchBackend => Gpt.Model.DeviceModule.backend;
+
     /// <summary>Whether <see cref="TuneNativeAllocator"/> has been applied in this process.</summary>
     public static bool NativeAllocatorTuned { get; private set; }
 }

@@ -21,6 +21,7 @@ public abstract record RunSettings
         EvalInterval = defaults.EvalInterval; EvalBatches = defaults.EvalBatches; Seed = defaults.Seed;
         OutputDirectory = defaults.OutputDirectory; Name = Options.ToObject(defaults.Name); KeepLast = defaults.KeepLast;
         CheckpointInterval = defaults.CheckpointInterval; ResumeFrom = Options.ToObject(defaults.ResumeFrom);
+        Device = Gpt.Model.DeviceModule.name(defaults.Device);
         if (Options.ToObject(defaults.Lora) is { } lora)
         {
             LoraRank = lora.Rank; LoraAlpha = lora.Alpha; LoraTargets = lora.Targets.ToArray();
@@ -112,10 +113,17 @@ public abstract record RunSettings
     /// blocks.</summary>
     public IReadOnlyList<string>? LoraTargets { get; init; }
 
+    /// <summary>Where the model, its batches and the optimizer state live: <c>cpu</c> (the default), <c>cuda</c>,
+    /// <c>cuda:N</c>, or <c>auto</c> (CUDA when torch sees a device, else the CPU). A model given in memory is moved
+    /// there. This build uses TorchSharp-cpu: asking for CUDA is a <see cref="GptException"/> that says how to make a
+    /// CUDA build.</summary>
+    public string Device { get; init; }
+
     internal TrainingSettings ToSettings() => new(
         BatchSize, Epochs, Options.Some(MaxSteps), LearningRate, Options.Some(MinLearningRate), Options.Some(InitialLearningRate),
         WarmupSteps, WeightDecay, DecayAll, Beta1, Beta2, Options.Some(GradientClip), GradientAccumulation, EvalInterval,
         EvalBatches, Seed, OutputDirectory, Options.SomeObject(Name), KeepLast, CheckpointInterval, Options.SomeObject(ResumeFrom),
         Gpt.Model.LoraSettingsModule.ofOptions(Options.Some(LoraRank), Options.Some(LoraAlpha),
-            LoraTargets is null ? FSharpOption<FSharpList<string>>.None : FSharpOption<FSharpList<string>>.Some(ListModule.OfSeq(LoraTargets))));
+            LoraTargets is null ? FSharpOption<FSharpList<string>>.None : FSharpOption<FSharpList<string>>.Some(ListModule.OfSeq(LoraTargets))),
+        Gpt.Model.DeviceModule.parse(Device ?? throw new GptException("no device given: expected cpu, cuda, cuda:N (N a GPU number such as 0) or auto")));
 }

@@ -120,6 +120,7 @@ internal static class BenchCommand
         var warmup = new Option<int>("--warmup") { Description = "Untimed steps first.", DefaultValueFactory = _ => 2 };
         var steps = new Option<int>("--steps") { Description = "Timed steps (the median is reported).", DefaultValueFactory = _ => 5 };
         var loraRank = new Option<int?>("--lora-rank") { Description = "Train LoRA adapters of this rank (every map of the blocks) on the frozen model instead of every weight." };
+        var device = Commands.DeviceOption();
         var command = Part(context, "train",
             "Training speed: tokens/s, model FLOPs utilisation (MFU) against this machine's matmul speed, peak RSS, where a step's time goes.",
             parse =>
@@ -127,7 +128,7 @@ internal static class BenchCommand
                 var lora = parse.GetValue(loraRank) is { } rank
                     ? Microsoft.FSharp.Core.FSharpOption<Gpt.Model.LoraSettings>.Some(Gpt.Model.LoraSettingsModule.create(rank, null, null))
                     : null;
-                var r = TrainBench.run(TrainBench.preset(parse.GetValue(preset)!), lora, parse.GetValue(warmup), parse.GetValue(steps), 123);
+                var r = TrainBench.run(TrainBench.preset(parse.GetValue(preset)!), lora, Gpt.Model.DeviceModule.parse(parse.GetValue(device)), parse.GetValue(warmup), parse.GetValue(steps), 123);
                 var b = r.Breakdown;
                 return new JsonObject
                 {
@@ -145,11 +146,12 @@ internal static class BenchCommand
                     },
                     ["tensors_per_step"] = Math.Round(r.TensorsPerStep, 1), ["page_faults_per_step"] = Math.Round(r.PageFaultsPerStep),
                     ["warmup_steps"] = r.WarmupSteps, ["timed_steps"] = r.TimedSteps,
-                    ["first_loss"] = Math.Round(r.FirstLoss, 4), ["last_loss"] = Math.Round(r.LastLoss, 4),
+                    ["first_loss"] = Math.Round(r.FirstLoss, 4), ["last_loss"] = Math.Round(r.LastLoss, 4), ["device"] = r.Device,
                 };
             });
         command.Add(preset);
         command.Add(loraRank);
+        command.Add(device);
         command.Add(warmup);
         command.Add(steps);
         return command;

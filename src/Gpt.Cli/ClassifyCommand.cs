@@ -14,18 +14,21 @@ internal static class ClassifyCommand
         var adapter = ModelCommands.AdapterOption();
         var texts = new Option<string[]>("--text") { Description = "A text to classify; repeat for several. Without --text: JSON Lines {\"text\": ...} on standard input." };
         var format = Commands.FormatOption();
+        var device = Commands.DeviceOption();
         var command = new Command("classify", "Label texts with a classifier. JSON output: one object per text {\"text\", \"label\", \"label_id\", \"probabilities\": {label: p}, \"logits\": [...]}.")
         {
-            modelPath, adapter, texts, format,
+            modelPath, adapter, texts, device, format,
         };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
             var given = parse.GetValue(texts) ?? [];
             var inputs = given.Length > 0 ? given : ReadJsonLines(context);
             if (inputs.Count == 0) throw new GptException("no text to classify: pass --text \"...\" or JSON Lines {\"text\": ...} on standard input");
+            GptRuntime.ResolveDevice(parse.GetValue(device)!); // before a model is read
             using var classifier = parse.GetValue(adapter) is { } adapterDirectory
                 ? Adapter.LoadClassifier(adapterDirectory, parse.GetValue(modelPath))
                 : TextClassifier.Load(parse.GetValue(modelPath) ?? throw new GptException("no classifier: pass --model (a classifier folder) or --adapter"));
+            classifier.ToDevice(parse.GetValue(device)!);
             var json = parse.GetValue(format) == "json";
             foreach (var p in classifier.ClassifyBatch(inputs))
             {

@@ -23,6 +23,15 @@ internal static partial class Commands
         yield return BenchCommand.Create(context);
     }
 
+    /// <summary>--device cpu|cuda|cuda:N|auto: where the model runs (checked by the core, before a model is read).</summary>
+    internal static Option<string> DeviceOption() =>
+        new("--device")
+        {
+            Description = "Where the model runs: cpu, cuda, cuda:N or auto (cuda when torch sees a GPU, else cpu). This build uses " +
+                          "TorchSharp-cpu: cuda is an error that says how to make a CUDA build (-p:TorchBackend=cuda).",
+            DefaultValueFactory = _ => "cpu",
+        };
+
     /// <summary>--format text|json.</summary>
     internal static Option<string> FormatOption(string defaultFormat = "text")
     {

@@ -18,10 +18,11 @@ internal static class GenerateCommand
         var stream = new Option<bool>("--stream") { Description = "Stream text as it is generated (the default for text output)." };
         var noStream = new Option<bool>("--no-stream") { Description = "Print the text only when generation is done." };
         var format = Commands.FormatOption();
+        var device = Commands.DeviceOption();
         var command = new Command("generate", "Generate text from a model (greedy by default; temperature, top-k, top-p sampling). " +
                                               "JSON output: one object per prompt {\"ids\": [prompt ids then new ids], \"text\": ...}.")
         {
-            modelPath, adapter, prompts, ids, stream, noStream, format,
+            modelPath, adapter, prompts, ids, stream, noStream, device, format,
         };
         generation.AddTo(command);
         command.SetAction(parse => CliApp.Guard(context, () =>
@@ -35,7 +36,7 @@ internal static class GenerateCommand
             var promptIds = textPrompts.Length > 0
                 ? textPrompts.Select(p => (IReadOnlyList<int>)tokenizer.Encode(p)).ToList()
                 : idPrompts.Select((s, i) => (IReadOnlyList<int>)ModelCommands.ParseIdList(s, $"--ids #{i + 1}")).ToList();
-            using var model = ModelCommands.LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter));
+            using var model = ModelCommands.LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter), parse.GetValue(device)!);
             var json = parse.GetValue(format) == "json";
             var streaming = !json && !parse.GetValue(noStream) && promptIds.Count == 1 && textPrompts.Length == 1;
             if (streaming)
@@ -79,6 +80,7 @@ internal static class GenerateCommand
         var newTokens = new Option<int>("--new-tokens") { Description = "Tokens to generate.", DefaultValueFactory = _ => 64 };
         var noCache = new Option<bool>("--no-kv-cache") { Description = "Measure without the KV cache." };
         var runs = new Option<int>("--runs") { Description = "Timed runs; the figure is their median.", DefaultValueFactory = _ => 3 };
+        var device = Commands.DeviceOption();
         var compare = new Option<bool>("--compare-kv-cache")
         {
             Description = "Runs with and without the KV cache, alternating, and reports both and the speed-up (kv_cache_speedup).",
@@ -86,7 +88,10 @@ internal static class GenerateCommand
         var command = BenchCommand.Part(context, "generate", "Generation speed in tokens/s (greedy, after a warm-up; median of several runs).", parse =>
         {
             var path = parse.GetValue(modelPath);
+            var where = Gpt.Model.DeviceModule.parse(parse.GetValue(device));
+            Gpt.Model.DeviceModule.resolve(where); // a device that is not there fails before the model is built
             using var model = GenerationBench.loadModel(path is null ? null : Microsoft.FSharp.Core.FSharpOption<string>.Some(path));
+            var placed = Gpt.Model.DeviceModule.place(where, model);
             var language = LanguageModel.ofGpt(model);
             JsonObject Figures(Throughput t) => new()
             {
@@ -108,6 +113,7 @@ internal static class GenerateCommand
                 result = Figures(GenerationBench.measureTokensPerSecond(language, parse.GetValue(promptTokens), parse.GetValue(newTokens), !parse.GetValue(noCache), parse.GetValue(runs)));
             result["model"] = path ?? "gpt2-small (random weights)";
             result["parameters"] = model.ParameterCount;
+            result["device"] = Gpt.Model.DeviceModule.describe(placed);
             return result;
         });
         command.Add(modelPath);
@@ -116,6 +122,7 @@ internal static class GenerateCommand
         command.Add(noCache);
         command.Add(runs);
         command.Add(compare);
+        command.Add(device);
         return command;
     }
 }

@@ -123,11 +123,14 @@ internal static class ModelCommands
         var modelPath = ModelOption();
         var format = Commands.FormatOption();
         var adapter = AdapterOption();
-        var command = new Command("info", "Print a model's configuration, parameter count and memory.") { modelPath, adapter, format };
+        var device = Commands.DeviceOption();
+        var command = new Command("info", "Print a model's configuration, parameter count and memory.") { modelPath, adapter, device, format };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
-            using var model = LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter));
-            Commands.Print(context, parse.GetValue(format)!, Describe(model));
+            using var model = LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter), parse.GetValue(device)!);
+            var description = Describe(model);
+            description["device"] = model.Device;
+            Commands.Print(context, parse.GetValue(format)!, description);
             return 0;
         }));
         return command;
@@ -142,11 +145,12 @@ internal static class ModelCommands
             Required = true, AllowMultipleArgumentsPerToken = false,
         };
         var adapter = AdapterOption();
-        var command = new Command("logits", "Print the logits {\"logits\": [[[...]]]} of shape [batch, length, vocabulary], for cross-checking against other implementations.") { modelPath, adapter, ids };
+        var device = Commands.DeviceOption();
+        var command = new Command("logits", "Print the logits {\"logits\": [[[...]]]} of shape [batch, length, vocabulary], for cross-checking against other implementations.") { modelPath, adapter, ids, device };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
             var sequences = parse.GetValue(ids)!.Select((s, i) => ParseIdList(s, $"--ids #{i + 1}")).ToList();
-            using var model = LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter));
+            using var model = LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter), parse.GetValue(device)!);
             var logits = model.Logits(sequences);
             var writer = context.Output;
             writer.Write("{\"logits\": [");
@@ -184,11 +188,14 @@ internal static class ModelCommands
         };
 
     /// <summary>Loads any model source, showing downloads on standard error; with an adapter, merged.</summary>
-    internal static GptModel LoadModel(CliContext context, string? source, string? adapter = null)
+    /// <summary>Loads any model source, showing downloads on standard error; with an adapter, merged; then on
+    /// <paramref name="device"/> (checked first, so that a device that is not there fails before a model is read).</summary>
+    internal static GptModel LoadModel(CliContext context, string? source, string? adapter = null, string device = "cpu")
     {
-        if (adapter is not null) return Adapter.LoadModel(adapter, source);
+        GptRuntime.ResolveDevice(device);
+        if (adapter is not null) return Adapter.LoadModel(adapter, source).ToDevice(device);
         if (source is null) throw new GptException("no model: pass --model (a folder, a .pth file or a Hugging Face id)");
-        return GptModel.Load(source, DownloadProgressBar.For(context), context.Cancellation);
+        return GptModel.Load(source, DownloadProgressBar.For(context), context.Cancellation).ToDevice(device);
     }
 
     /// <summary>"1,2,3" (or "[1, 2, 3]") to ids, with a clear error.</summary>

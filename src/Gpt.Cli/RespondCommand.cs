@@ -17,11 +17,12 @@ internal static class RespondCommand
         style.AcceptOnlyFromAmong("alpaca", "phi3");
         var generation = new GenerationOptions(256);
         var format = Commands.FormatOption();
+        var device = Commands.DeviceOption();
         var command = new Command("respond",
             "Answer an instruction with an instruction-tuned model (book chapter 7): the prompt formatted as in training, generation " +
             "stopping at end-of-text, the text after the response marker. JSON output: {\"instruction\", \"input\", \"response\"} per entry.")
         {
-            modelPath, adapter, instruction, input, style, format,
+            modelPath, adapter, instruction, input, style, device, format,
         };
         generation.AddTo(command);
         command.SetAction(parse => CliApp.Guard(context, () =>
@@ -31,9 +32,11 @@ internal static class RespondCommand
                 : ReadEntries(context);
             if (entries.Count == 0) throw new GptException("no instruction: pass --instruction \"...\" or JSON Lines {\"instruction\": ...} on standard input");
             var promptStyle = parse.GetValue(style) == "phi3" ? PromptStyle.Phi3 : PromptStyle.Alpaca;
+            GptRuntime.ResolveDevice(parse.GetValue(device)!); // before a model is read
             using var model = parse.GetValue(adapter) is { } adapterDirectory
                 ? InstructionModel.LoadWithAdapter(adapterDirectory, parse.GetValue(modelPath), promptStyle)
                 : InstructionModel.Load(parse.GetValue(modelPath) ?? throw new GptException("no model: pass --model or --adapter"), promptStyle);
+            model.Model.ToDevice(parse.GetValue(device)!);
             var settings = generation.Read(parse);
             foreach (var entry in entries)
             {

@@ -29,6 +29,7 @@ internal sealed class RunSettingsOptions
         LoraRank = new("--lora-rank") { Description = "Train LoRA adapters of this rank on the frozen model (appendix E); the run writes adapter/ (PEFT's layout) beside the merged model/." };
         LoraAlpha = new("--lora-alpha") { Description = "LoRA alpha: updates are scaled by alpha / rank (PEFT's lora_alpha). Default: twice the rank." };
         LoraTargets = new("--lora-targets") { Description = "Comma-separated maps to adapt: c_attn, attn.c_proj, c_fc, mlp.c_proj, c_proj (both), lm_head. Default: every map of the blocks." };
+        Device = Commands.DeviceOption();
         Format = Commands.FormatOption();
         Format.Description = "Output: text (a live display on a terminal, plain lines otherwise) or json (one JSON object per event, for scripts).";
     }
@@ -55,13 +56,14 @@ internal sealed class RunSettingsOptions
     public Option<double?> LoraAlpha { get; }
     public Option<string?> LoraTargets { get; }
     public Option<string> Format { get; }
+    public Option<string> Device { get; }
 
     public void AddTo(Command command)
     {
         foreach (var option in new Option[]
                  {
                      BatchSize, Epochs, MaxSteps, LearningRate, MinLearningRate, WarmupSteps, WeightDecay, DecayAll, GradientClip,
-                     GradientAccumulation, EvalInterval, EvalBatches, Seed, Output, Name, Resume, KeepLast, CheckpointInterval, LoraRank, LoraAlpha, LoraTargets, Format,
+                     GradientAccumulation, EvalInterval, EvalBatches, Seed, Output, Name, Resume, KeepLast, CheckpointInterval, LoraRank, LoraAlpha, LoraTargets, Device, Format,
                  })
             command.Add(option);
     }
@@ -96,6 +98,7 @@ internal sealed class RunSettingsOptions
             LoraTargets = Given(LoraTargets)
                 ? parse.GetValue(LoraTargets)!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)
                 : options.LoraTargets,
+            Device = parse.GetValue(Device)!,
         });
     }
 

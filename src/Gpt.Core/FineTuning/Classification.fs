@@ -208,8 +208,9 @@ module Classification =
         let score (batch: ClassificationBatch) =
             use scope = torch.NewDisposeScope()
             let logits = Classifier.logits classifier.Config Mode.Eval classifier.Params batch.Ids batch.Lengths
-            let value = torch.nn.functional.cross_entropy(logits, batch.Labels).item<float32> ()
-            let correct = logits.argmax(-1L).eq(batch.Labels).sum().item<int64> ()
+            let labels = Inputs.onDeviceOf logits batch.Labels
+            let value = torch.nn.functional.cross_entropy(logits, labels).item<float32> ()
+            let correct = logits.argmax(-1L).eq(labels).sum().item<int64> ()
             { Loss = float value; Correct = correct; Count = batch.Labels.shape[0] }
         { Loss = loss; Score = score }
 
@@ -318,8 +319,11 @@ module Classification =
             match options.Training.Lora with
             | Some lora ->
                 Lora.attachClassifier lora (int64 options.Training.Seed) classifier |> ignore
+                Device.place options.Training.Device classifier |> ignore // before the trainable parameters are listed
                 Lora.freezeBase (fun name -> name.StartsWith "score.") classifier
-            | None -> trainable options.Trainable classifier
+            | None ->
+                Device.place options.Training.Device classifier |> ignore
+                trainable options.Trainable classifier
         let config = classifier.Config
         let limit, fixedLength = lengths options config.Pooling config.Body.ContextLength tokenizer train
         let trainExamples, validationExamples, testExamples, truncated = examples options config.Labels limit tokenizer splits
@@ -374,6 +378,7 @@ module Classification =
                            { Ids = Array.truncate config.Body.ContextLength ids; Label = 0; Truncated = false })
                    let batch = ClassificationData.collate config.PadTokenId None examples
                    let logits = Classifier.logits config Mode.Eval classifier.Params batch.Ids batch.Lengths
+                   let logits = logits.cpu ()
                    let probabilities = logits.softmax(-1L)
                    for row in 0 .. chunk.Length - 1 do
                        let values = logits[int64 row].data<float32>().ToArray() |> Array.map float

@@ -226,6 +226,7 @@ module Instruction =
         let runDirectory = resumed |> Option.map snd |> Option.defaultWith (fun () -> Run.freshDirectory options.Training)
         use model = startingModel options resumed
         Run.attachAdapters options.Training model
+        Device.place options.Training.Device model |> ignore // before the trainable parameters are listed
         let trainable =
             if options.Training.Lora.IsSome then Lora.freezeBase (fun _ -> false) model else Optimizer.trainable model
         let maxLength = min model.Config.ContextLength (options.MaxLength |> Option.defaultValue model.Config.ContextLength)

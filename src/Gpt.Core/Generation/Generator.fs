@@ -294,7 +294,7 @@ type private Run(model: ILanguageModel, options: GenerationOptions, seed: int64,
             use scope = torch.NewDisposeScope()
             let logits = window.NextLogits() // (B, V)
             let chosen =
-                if options.Temperature = 0.0 then (Sampling.greedy logits).data<int64>().ToArray()
+                if options.Temperature = 0.0 then (Sampling.greedy logits).cpu().data<int64>().ToArray()
                 else
                     Array.init count (fun row ->
                         if stops[row].IsSome then 0L

@@ -84,6 +84,7 @@ module Classifier =
     /// Mean cross-entropy of the logits against label ids (B): the book's calc_loss_batch for classification.
     let loss (config: ClassifierConfig) (mode: Mode) (p: ClassifierParams) (ids: Tensor) (lengths: int64[]) (labels: Tensor) =
         use logits = logits config mode p ids lengths
+        use labels = (Inputs.onDeviceOf logits labels).alias () // labels made on the CPU, for a model on a GPU
         torch.nn.functional.cross_entropy(logits, labels)
 
 /// A GPT classifier as a Module: the body `transformer` (a GptModel whose head is never used, so tied: it has no

@@ -158,6 +158,10 @@ module Inputs =
             let bad = if low < 0L then low else high
             Errors.fail "token id %d is outside the vocabulary (0..%d)" bad (vocabSize - 1)
 
+    let onDeviceOf (like: torch.Tensor) (tensor: torch.Tensor) =
+        if tensor.device_type = like.device_type && tensor.device_index = like.device_index then tensor
+        else tensor.``to``(like.device)
+
     /// Fails unless x is (B, T, dim) with T within the context length; `what` names the layer.
     let checkVectors (what: string) (dim: int) (contextLength: int) (x: torch.Tensor) =
         if x.dim () <> 3L || x.shape[2] <> int64 dim then

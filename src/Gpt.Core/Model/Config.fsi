@@ -102,6 +102,10 @@ module Inputs =
       vocabSize: int ->
         contextLength: int -> ids: TorchSharp.torch.Tensor -> unit
 
+    /// The tensor itself when it is on `like`'s device, else a copy there (inputs built on the CPU for a model on a GPU).
+    val onDeviceOf:
+      like: TorchSharp.torch.Tensor -> tensor: TorchSharp.torch.Tensor -> TorchSharp.torch.Tensor
+
     /// Fails unless x is (B, T, dim) with T within the context length; `what` names the layer.
     val checkVectors:
       what: string ->

@@ -204,7 +204,9 @@ type KvCache internal (keys: Tensor[], values: Tensor[], batchSize: int, context
 module Gpt =
     /// Token plus position embeddings for tokens at positions start .. start + T - 1. ids (B, T) -> (B, T, C)
     let private embed (config: GptConfig) (mode: Mode) (p: GptParams) (start: int) (ids: Tensor) =
-        // The token lookup adds its gradient into the table's gradient in place (TokenLookup); positions are a slice.
+        // Ids made on the CPU follow the model to its device. The token lookup adds its gradient into the table's
+        // gradient in place (TokenLookup); positions are a slice.
+        let ids = Inputs.onDeviceOf p.TokenEmbedding ids
         let tokens = TokenLookup.lookup p.TokenEmbedding ids // (B, T, C)
         let positions = p.PositionEmbedding.narrow(0L, int64 start, ids.shape[1]) // (T, C), broadcast over B
         Dropout.apply mode config.DropRate (tokens + positions)
@@ -241,6 +243,7 @@ module Gpt =
                 (Errors.shapeText hidden.shape) (Errors.shapeText targets.shape) config.EmbeddingDim
         use scope = torch.NewDisposeScope()
         let flat = hidden.reshape(-1L, int64 config.EmbeddingDim) // (B*T, C)
+        let targets = Inputs.onDeviceOf hidden targets
         (HeadLoss.crossEntropy flat (headWeight p) (targets.flatten().to_type(torch.int64))).MoveToOuterDisposeScope() // ()
 
     /// Mean next-token cross-entropy of the predictions for ids (B, T) against targets (B, T): equal to

@@ -54,7 +54,9 @@ type TrainingSettings =
       ResumeFrom: string option
       /// Train low-rank adapters on the frozen model instead of its weights (LoRA, the book's appendix E); the run
       /// writes them in PEFT's layout (adapter/) beside the merged model (model/).
-      Lora: LoraSettings option }
+      Lora: LoraSettings option
+      /// Where the model, its batches and the optimizer state live (the model is moved there before training).
+      Device: Device }
 
 [<RequireQualifiedAccess>]
 module TrainingSettings =
@@ -64,7 +66,7 @@ module TrainingSettings =
         { BatchSize = 4; Epochs = 20; MaxSteps = None; LearningRate = 1e-3; MinLearningRate = None; InitialLearningRate = None
           WarmupSteps = 10; WeightDecay = 0.1; DecayAll = false; Beta1 = 0.9; Beta2 = 0.999; GradientClip = Some 1.0
           GradientAccumulation = 1; EvalInterval = 20; EvalBatches = 5; Seed = 123; OutputDirectory = "runs"; Name = None
-          KeepLast = 3; CheckpointInterval = 100; ResumeFrom = None; Lora = None }
+          KeepLast = 3; CheckpointInterval = 100; ResumeFrom = None; Lora = None; Device = Device.Cpu }
 
     /// The book's fine-tuning (chapters 6 and 7): AdamW at 5e-5 with weight decay 0.1 on every parameter, batch 8, no
     /// warmup, no clipping; `epochs` epochs, evaluation every 50 steps on 5 batches. Fine-tuning runs resolve a missing
@@ -97,7 +99,7 @@ module TrainingSettings =
           Beta2 = stored.Beta2; GradientClip = stored.GradientClip; GradientAccumulation = stored.GradientAccumulation
           EvalInterval = stored.EvalInterval; EvalBatches = stored.EvalBatches; Seed = stored.Seed
           OutputDirectory = Path.GetDirectoryName runDirectory; Name = Some(Path.GetFileName runDirectory); KeepLast = stored.KeepLast
-          CheckpointInterval = stored.CheckpointInterval; ResumeFrom = Some resumeFrom; Lora = None }
+          CheckpointInterval = stored.CheckpointInterval; ResumeFrom = Some resumeFrom; Lora = None; Device = Device.Cpu }
 
     /// Fails on settings no run can take (the trainer checks the rest).
     let validate (settings: TrainingSettings) =
@@ -106,6 +108,8 @@ module TrainingSettings =
             Errors.fail "the run name '%s' is not a valid folder name" name
         | _ -> ()
         Errors.require (not (String.IsNullOrWhiteSpace settings.OutputDirectory)) "the output directory is not set"
+        // A device that is not there (CUDA on this TorchSharp-cpu build) fails before any data or model is read.
+        Device.resolve settings.Device |> ignore
 
 /// Everything that shapes a pretraining run: every `gpt train` option.
 type RunOptions =
@@ -568,6 +572,8 @@ module Run =
         // A model given in memory is the caller's: trained in place, never disposed here.
         use _owner = if owned then model :> IDisposable else { new IDisposable with member _.Dispose() = () }
         attachAdapters options.Training model
+        // On its device (with its adapters) before the trainer lists the parameters and makes the optimizer.
+        Device.place options.Training.Device model |> ignore
         if options.Training.Lora.IsSome then Lora.freezeBase (fun _ -> false) model |> ignore
         let config = model.Config
         let contextLength = options.ContextLength |> Option.defaultValue config.ContextLength
