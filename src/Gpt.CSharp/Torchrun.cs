@@ -77,17 +77,21 @@ public sealed record TorchrunCommand(
 public static class Torchrun
 {
     /// <summary>Prepares the run without launching anything: for a cluster scheduler, run
-    /// <see cref="TorchrunCommand.CommandLine"/> on every node (with that node's rank).</summary>
+    /// <see cref="TorchrunCommand.CommandLine"/> on every node (with that node's rank). Needs no Python; when the
+    /// interpreter is there, it is asked whether its torchrun needs a workaround (PyTorch 1.13 on Python 3.11).</summary>
     /// <exception cref="GptException">Bad options, a global batch that the processes cannot share evenly, missing or too
     /// short data, an incompatible checkpoint to resume.</exception>
     public static TorchrunCommand Prepare(TrainingOptions options, TorchrunSettings settings)
     {
         ArgumentNullException.ThrowIfNull(options);
         ArgumentNullException.ThrowIfNull(settings);
-        var run = FTorchrun.prepare(options.ToFSharp(), settings.ToFSharp());
-        var arguments = run.Arguments.ToArray();
-        return new TorchrunCommand(run.RunDirectory, run.Folder, run.Program, arguments,
-            FTorchrun.commandLine(run.Program, run.Arguments), run.TotalSteps);
+        var torchrun = settings.ToFSharp();
+        var run = FTorchrun.prepare(options.ToFSharp(), torchrun);
+        // When this machine has the interpreter, the command carries what its torchrun needs (PyTorch 1.13 on Python
+        // 3.11); without it (a login node), the plain command.
+        var (program, arguments) = FTorchrun.commandFor(run, FTorchrun.tryCheckPython(torchrun), false).ToValueTuple();
+        return new TorchrunCommand(run.RunDirectory, run.Folder, program, arguments.ToArray(),
+            FTorchrun.commandLine(program, arguments), run.TotalSteps);
     }
 
     /// <summary>Trains with torchrun on this node and returns when the run ends. Cancelling

@@ -216,6 +216,8 @@ public class TorchrunTests
             [.. Run(folder, story, "nopython"), "--engine", "torchrun", "--python", "/no/such/python3"]);
         Fails("--nproc-per-node needs --engine torchrun", [.. Run(folder, story, "plain"), "--nproc-per-node", "2"]);
         Fails("--nnodes 2 needs --master-addr", [.. Run(folder, story, "nomaster"), "--engine", "torchrun", "--nnodes", "2", "--dry-run"]);
+        Fails("on node 1 run the command that --dry-run prints", [.. Run(folder, story, "node1"), "--engine", "torchrun", "--nnodes", "2",
+            "--node-rank", "1", "--master-addr", "node0"]);
         Assert.False(Directory.Exists(folder.Combine("odd")), "nothing prepared for a refused run");
     }
 }

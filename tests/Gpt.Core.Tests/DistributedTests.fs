@@ -111,6 +111,18 @@ let tests =
                   "--master_port"; "29400"; "t.py"; "--options"; "o.json" ]
                 "three nodes"
             Expect.equal (Torchrun.commandLine "python3" [ "a b"; "it's"; "/x/y.py" ]) "python3 'a b' 'it'\\''s' /x/y.py" "shell quoting"
+            let run =
+                { RunDirectory = "/r"; Folder = "/r/torchrun"; OptionsPath = "o.json"; ScriptPath = "t.py"; Program = "python3"
+                  Arguments = [ "-m"; "torch.distributed.run"; "--nproc_per_node"; "2"; "--standalone"; "t.py"; "--options"; "o.json" ]
+                  TotalSteps = 1; ResumeFrom = None }
+            let debian =
+                { Python = "python3"; PythonVersion = "3.11.2"; TorchVersion = "1.13.0a0"; Gloo = true; Nccl = false; CudaDevices = 0
+                  RedirectsBroken = true }
+            Expect.equal (Torchrun.commandFor run (Some debian) true)
+                ("python3", [ "-m"; "torch.distributed.run"; "--redirects"; "9:0"; "--tee"; "9:0"; "--nproc_per_node"; "2"; "--standalone"
+                              "t.py"; "--options"; "o.json"; "--events" ])
+                "PyTorch 1.13 on Python 3.11: torchrun's redirects read as none; gpt follows the events"
+            Expect.equal (Torchrun.commandFor run None false) (run.Program, run.Arguments) "no interpreter to ask: the plain command"
 
         testCase "prepare writes the shards, the order, the initial model and options.json, which the Python reader reads" <| fun () ->
             use dir = new TempDir()

@@ -529,20 +529,31 @@ module Torchrun =
     let private setsid =
         [ "/usr/bin/setsid"; "/bin/setsid" ] |> List.tryFind (fun path -> OperatingSystem.IsLinux() && File.Exists path)
 
+    /// The interpreter's answers when it can be asked (None when it is missing or lacks something).
+    let tryCheckPython (options: TorchrunOptions) : PythonInfo option =
+        try Some(checkPython options) with :? GptException -> None
+
+    /// A prepared run's command for an interpreter: with the workaround torchrun of PyTorch 1.13 needs on Python 3.11
+    /// (its default "--redirects 0" reads as None there; a mapping for a local rank that does not exist reads as "none
+    /// redirected" for the others), and train.py's --events when gpt follows the run.
+    let commandFor (run: TorchrunRun) (python: PythonInfo option) (events: bool) : string * string list =
+        let workaround = if python |> Option.exists _.RedirectsBroken then [ "--redirects"; "9:0"; "--tee"; "9:0" ] else []
+        let arguments =
+            match run.Arguments with
+            | "-m" :: launcher :: rest -> "-m" :: launcher :: workaround @ rest
+            | other -> other
+        run.Program, (if events then arguments @ [ "--events" ] else arguments)
+
     /// Launches a prepared run (torchrun on this node) and follows it: train.py's events become the run's reports,
     /// its other output goes to `log` line by line. Cancelling asks every process to stop after its current step
     /// (they write a checkpoint and the model so far); the result then has Cancelled = true.
     let launch (run: TorchrunRun) (python: PythonInfo) (tokenizer: ITokenizer) (epochs: int) (report: RunProgress -> unit)
                (log: string -> unit) (cancellation: CancellationToken) : RunResult =
-        let workaround = if python.RedirectsBroken then [ "--redirects"; "9:0"; "--tee"; "9:0" ] else []
-        let arguments =
-            match run.Arguments with
-            | "-m" :: launcher :: rest -> "-m" :: launcher :: workaround @ rest @ [ "--events" ]
-            | other -> other @ [ "--events" ]
+        let program, arguments = commandFor run (Some python) true
         let program, arguments =
             match setsid with
-            | Some path -> path, "--wait" :: run.Program :: arguments
-            | None -> run.Program, arguments
+            | Some path -> path, "--wait" :: program :: arguments
+            | None -> program, arguments
         let start =
             ProcessStartInfo(program, arguments, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false,
                              WorkingDirectory = run.RunDirectory)
@@ -560,7 +571,7 @@ module Torchrun =
         let mutable finished = None
         use child =
             try Process.Start start
-            with :? Win32Exception as e -> Errors.fail "could not start '%s': %s" run.Program e.Message
+            with :? Win32Exception as e -> Errors.fail "could not start '%s': %s" program e.Message
         // gpt quitting at once (a second Ctrl+C) takes the run with it: torchrun is in a session of its own.
         let killTree = EventHandler(fun _ _ -> try (if not child.HasExited then child.Kill true) with _ -> ())
         AppDomain.CurrentDomain.ProcessExit.AddHandler killTree
@@ -605,6 +616,9 @@ module Torchrun =
     let train (options: RunOptions) (torchrun: TorchrunOptions) (report: RunProgress -> unit) (log: string -> unit)
               (cancellation: CancellationToken) : RunResult =
         TorchrunOptions.validate torchrun
+        if torchrun.NodeRank <> 0 then
+            Errors.fail "gpt follows a run from node 0, where the process of rank 0 reports and writes the run folder: on node %d run the command that --dry-run prints (with --node-rank %d)"
+                torchrun.NodeRank torchrun.NodeRank
         TorchrunOptions.checkBatch torchrun options.Training.BatchSize
         RunOptions.validate options
         let python = checkPython torchrun
