@@ -332,6 +332,16 @@ module RunOptions =
         | _ -> ()
         options.Model |> Option.iter GptConfig.validate
 
+/// A run ready for its first step (Run.prepare): what every engine that trains it starts from.
+type PreparedRun =
+    { RunDirectory: string
+      /// The checkpoint a resumed run continues from.
+      ResumeFrom: string option
+      /// The model to train (a resumed run's as its checkpoint holds it); the caller disposes it.
+      Model: GptModel
+      Data: TrainingData
+      TrainerOptions: TrainerOptions }
+
 /// Pretraining runs (book ch. 5): a folder, a model, the data, the trainer, the final model.
 [<RequireQualifiedAccess>]
 module Run =
@@ -479,30 +489,41 @@ module Run =
           BestValidationLoss = r.BestValidationLoss; LastStepLoss = r.LastTrainLoss; RunDirectory = runDirectory
           ModelDirectory = modelDirectory; CheckpointDirectory = r.Checkpoint; Elapsed = elapsed; Evaluations = r.Evaluations }
 
-    /// Pretrains a model as the options say, in OutputDirectory/Name (or the resumed run's folder): run.json, checkpoints,
-    /// metrics.jsonl, and the final model in the Hugging Face layout under model/. Reports a snapshot after every event.
-    /// Cancelling stops after the current step with a checkpoint and the model so far (Cancelled = true).
-    let pretrain (options: RunOptions) (report: RunProgress -> unit) (cancellation: CancellationToken) : RunResult =
+    /// Everything a run needs before its first step, checked: its folder, the checkpoint it resumes from, the model
+    /// (the caller owns it), the data split, and the trainer's options. Nothing is written yet.
+    let prepare (options: RunOptions) : PreparedRun =
         RunOptions.validate options
         let tokenizer = Tokenizers.gpt2 ()
         // The text first: a missing file is found before a large model is built.
         let documents = options.Data |> Option.map Corpus.load |> Option.defaultWith (fun () -> [| Corpus.builtIn.Value |])
         let runDirectory, resumeFrom, model = prepareModel options
-        use model = model
-        attachAdapters options.Training model
-        if options.Training.Lora.IsSome then Lora.freezeBase (fun _ -> false) model |> ignore
-        let config = model.Config
-        let contextLength = options.ContextLength |> Option.defaultValue config.ContextLength
-        if contextLength < 1 || contextLength > config.ContextLength then
-            Errors.fail "the training context length %d must be between 1 and the model's context length %d" contextLength config.ContextLength
-        if config.VocabSize < tokenizer.VocabularySize then
-            Errors.fail "the model's vocabulary has %d tokens; GPT-2's tokenizer needs %d" config.VocabSize tokenizer.VocabularySize
-        let data = TrainingData.forGpt config tokenizer options.TrainRatio (tokens options documents tokenizer contextLength)
-        let trainerOptions = RunOptions.toTrainerOptions options contextLength runDirectory
-        TrainerOptions.validate trainerOptions
-        if resumeFrom.IsNone then RunFile.write runDirectory options
+        try
+            attachAdapters options.Training model
+            if options.Training.Lora.IsSome then Lora.freezeBase (fun _ -> false) model |> ignore
+            let config = model.Config
+            let contextLength = options.ContextLength |> Option.defaultValue config.ContextLength
+            if contextLength < 1 || contextLength > config.ContextLength then
+                Errors.fail "the training context length %d must be between 1 and the model's context length %d" contextLength config.ContextLength
+            if config.VocabSize < tokenizer.VocabularySize then
+                Errors.fail "the model's vocabulary has %d tokens; GPT-2's tokenizer needs %d" config.VocabSize tokenizer.VocabularySize
+            let data = TrainingData.forGpt config tokenizer options.TrainRatio (tokens options documents tokenizer contextLength)
+            let trainerOptions = RunOptions.toTrainerOptions options contextLength runDirectory
+            TrainerOptions.validate trainerOptions
+            { RunDirectory = runDirectory; ResumeFrom = resumeFrom; Model = model; Data = data; TrainerOptions = trainerOptions }
+        with _ ->
+            model.Dispose()
+            reraise ()
+
+    /// Pretrains a model as the options say, in OutputDirectory/Name (or the resumed run's folder): run.json, checkpoints,
+    /// metrics.jsonl, and the final model in the Hugging Face layout under model/. Reports a snapshot after every event.
+    /// Cancelling stops after the current step with a checkpoint and the model so far (Cancelled = true).
+    let pretrain (options: RunOptions) (report: RunProgress -> unit) (cancellation: CancellationToken) : RunResult =
+        let prepared = prepare options
+        let runDirectory = prepared.RunDirectory
+        use model = prepared.Model
+        if prepared.ResumeFrom.IsNone then RunFile.write runDirectory options
         let onEvent, modelSaved, latest = reporter report options.Training.Epochs runDirectory
-        let trained = Trainer.train trainerOptions model data resumeFrom onEvent cancellation
+        let trained = Trainer.train prepared.TrainerOptions model prepared.Data prepared.ResumeFrom onEvent cancellation
         let modelDirectory =
             if trained.Steps = 0 then None
             else

@@ -106,7 +106,7 @@ module Trainer =
     let private metricsPath (options: TrainerOptions) = options.OutputDirectory |> Option.map (fun d -> Path.Combine(d, "metrics.jsonl"))
 
     /// Refuses to resume from a checkpoint whose data position would not carry over to this run.
-    let private checkResumable (directory: string) (stored: CheckpointState) (options: TrainerOptions) (task: TrainingTask<'Batch>) =
+    let checkResumable (directory: string) (stored: CheckpointState) (options: TrainerOptions) (task: TrainingTask<'Batch>) =
         if stored.Tokenizer <> task.Tokenizer then
             Errors.fail "checkpoint '%s' was trained with tokenizer '%s', this run uses '%s'" directory stored.Tokenizer task.Tokenizer
         if stored.DataFingerprint <> task.Data.Fingerprint then
