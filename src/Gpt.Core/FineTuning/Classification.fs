@@ -311,6 +311,7 @@ module Classification =
         let ((train, _, _) as splits), dataLabels = texts options
         let resumed = options.Training.ResumeFrom |> Option.map (Run.resumedDirectory options.Training)
         let runDirectory = resumed |> Option.map snd |> Option.defaultWith (fun () -> Run.freshDirectory options.Training)
+        use runLock = RunLock.acquire runDirectory
         use classifier = startingClassifier options dataLabels
         let config = classifier.Config
         let limit, fixedLength = lengths options config.Pooling config.Body.ContextLength tokenizer train
@@ -326,8 +327,8 @@ module Classification =
               Tokenizer = tokenizer.Name
               ModelConfiguration = ClassifierFiles.configJson config }
         TrainerOptions.validate trainerOptions
-        if resumed.IsNone then writeRunFile runDirectory options
         let onEvent, modelSaved, latest = Run.reporter report options.Training.Epochs runDirectory
+        let onEvent = Run.writeRunFileWhenStarted (fun () -> if resumed.IsNone then writeRunFile runDirectory options) onEvent
         let trained = Trainer.fit trainerOptions task (resumed |> Option.map fst) onEvent cancellation
         let modelDirectory =
             if trained.Steps = 0 then None

@@ -223,6 +223,7 @@ module Instruction =
         let train, validation, test = entries options
         let resumed = options.Training.ResumeFrom |> Option.map (Run.resumedDirectory options.Training)
         let runDirectory = resumed |> Option.map snd |> Option.defaultWith (fun () -> Run.freshDirectory options.Training)
+        use runLock = RunLock.acquire runDirectory
         use model = startingModel options resumed
         let maxLength = min model.Config.ContextLength (options.MaxLength |> Option.defaultValue model.Config.ContextLength)
         let endOfText = tokenizer.EndOfTextId |> Option.defaultValue 50256
@@ -240,8 +241,8 @@ module Instruction =
               Tokenizer = tokenizer.Name
               ModelConfiguration = Pretrained.configJson model.Config }
         TrainerOptions.validate trainerOptions
-        if resumed.IsNone then writeRunFile runDirectory options
         let onEvent, modelSaved, latest = Run.reporter report options.Training.Epochs runDirectory
+        let onEvent = Run.writeRunFileWhenStarted (fun () -> if resumed.IsNone then writeRunFile runDirectory options) onEvent
         let trained = Trainer.fit trainerOptions task (resumed |> Option.map fst) onEvent cancellation
         let modelDirectory, (responsesFile, responses) =
             if trained.Steps = 0 then None, (None, [])

@@ -333,24 +333,38 @@ module Run =
             Errors.fail "'%s' already holds a run: resume it (--resume %s) or choose another name" runDirectory runDirectory
         runDirectory
 
-    /// The run folder and the model a run starts from: a checkpoint's (resume), a pretrained one, or a fresh one.
-    let private prepareModel (options: RunOptions) : string * string option * GptModel =
+    /// The run folder (locked: see RunLock) and the model a run starts from: a checkpoint's (resume), a pretrained one,
+    /// or a fresh one.
+    let private prepareModel (options: RunOptions) : string * string option * GptModel * RunLock =
+        let locked (runDirectory: string) (build: unit -> string option * GptModel) =
+            let runLock = RunLock.acquire runDirectory
+            try
+                let resumeFrom, model = build ()
+                runDirectory, resumeFrom, model, runLock
+            with _ ->
+                runLock.Release()
+                reraise ()
         match options.Training.ResumeFrom with
         | Some resume ->
             let checkpoint, runDirectory = resumedDirectory options.Training resume
-            let model = Checkpoint.loadGpt checkpoint
-            checkShape "--resume" "the run" options model
-            runDirectory, Some checkpoint, model
+            locked runDirectory (fun () ->
+                let model = Checkpoint.loadGpt checkpoint
+                checkShape "--resume" "the run" options model
+                Some checkpoint, model)
         | None ->
             let runDirectory = freshDirectory options.Training
-            let config = options.Model |> Option.defaultValue RunOptions.defaultModel
-            let model =
-                match options.InitFrom, options.Initialization with
-                | Some init, _ -> ModelSource.load init
-                | None, ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed)
-                | None, ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed)
-            if options.InitFrom.IsSome then checkShape "--init-from" "the model" options model
-            runDirectory, None, model
+            locked runDirectory (fun () ->
+                let config = options.Model |> Option.defaultValue RunOptions.defaultModel
+                let model =
+                    match options.InitFrom, options.Initialization with
+                    | Some init, _ -> ModelSource.load init
+                    | None, _ ->
+                        ModelMemory.require "the run's model" config
+                        match options.Initialization with
+                        | ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed)
+                        | ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed)
+                if options.InitFrom.IsSome then checkShape "--init-from" "the model" options model
+                None, model)
 
     /// The text of a run as token ids, checked to give both splits a window.
     let private tokens (options: RunOptions) (documents: Corpus.Document[]) (tokenizer: ITokenizer) (contextLength: int) =
@@ -397,6 +411,15 @@ module Run =
         let modelSaved directory = emit { latest.Value with Kind = RunEventKind.ModelSaved; Path = Some directory }
         onEvent, modelSaved, (fun () -> latest.Value)
 
+    /// The trainer's event handler that first writes a fresh run's run.json when the trainer starts: only then has
+    /// every option been checked (the trainer checks its own against the data), so a refused run writes nothing.
+    let writeRunFileWhenStarted (write: unit -> unit) (onEvent: TrainingEvent -> unit) =
+        fun event ->
+            match event with
+            | Started _ -> write ()
+            | _ -> ()
+            onEvent event
+
     /// The run's result from the trainer's.
     let resultOf (r: TrainingResult) (elapsed: TimeSpan) (runDirectory: string) (modelDirectory: string option) =
         let first = r.Evaluations |> Array.tryHead
@@ -416,7 +439,8 @@ module Run =
         let tokenizer = Tokenizers.gpt2 ()
         // The text first: a missing file is found before a large model is built.
         let documents = options.Data |> Option.map Corpus.load |> Option.defaultWith (fun () -> [| Corpus.builtIn.Value |])
-        let runDirectory, resumeFrom, model = prepareModel options
+        let runDirectory, resumeFrom, model, runLock = prepareModel options
+        use runLock = runLock
         use model = model
         let config = model.Config
         let contextLength = options.ContextLength |> Option.defaultValue config.ContextLength
@@ -427,8 +451,8 @@ module Run =
         let data = TrainingData.forGpt config tokenizer options.TrainRatio (tokens options documents tokenizer contextLength)
         let trainerOptions = RunOptions.toTrainerOptions options contextLength runDirectory
         TrainerOptions.validate trainerOptions
-        if resumeFrom.IsNone then RunFile.write runDirectory options
         let onEvent, modelSaved, latest = reporter report options.Training.Epochs runDirectory
+        let onEvent = writeRunFileWhenStarted (fun () -> if resumeFrom.IsNone then RunFile.write runDirectory options) onEvent
         let trained = Trainer.train trainerOptions model data resumeFrom onEvent cancellation
         let modelDirectory =
             if trained.Steps = 0 then None
