@@ -13,16 +13,17 @@ internal static class ClassifyCommand
         var modelPath = new Option<string>("--model") { Description = "A classifier folder (gpt finetune classify writes OUT/NAME/model).", Required = true };
         var texts = new Option<string[]>("--text") { Description = "A text to classify; repeat for several. Without --text: JSON Lines {\"text\": ...} on standard input." };
         var format = Commands.FormatOption();
+        var allowNonFinite = Commands.AllowNonFiniteOption();
         var command = new Command("classify", "Label texts with a classifier. JSON output: one object per text {\"text\", \"label\", \"label_id\", \"probabilities\": {label: p}, \"logits\": [...]}.")
         {
-            modelPath, texts, format,
+            modelPath, texts, format, allowNonFinite,
         };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
             var given = parse.GetValue(texts) ?? [];
             var inputs = given.Length > 0 ? given : ReadJsonLines(context);
             if (inputs.Count == 0) throw new GptException("no text to classify: pass --text \"...\" or JSON Lines {\"text\": ...} on standard input");
-            using var classifier = TextClassifier.Load(parse.GetValue(modelPath)!);
+            using var classifier = TextClassifier.Load(parse.GetValue(modelPath)!, new ModelLoadOptions { AllowNonFinite = parse.GetValue(allowNonFinite) });
             var json = parse.GetValue(format) == "json";
             foreach (var p in classifier.ClassifyBatch(inputs))
             {
@@ -30,11 +31,11 @@ internal static class ClassifyCommand
                 {
                     var probabilities = new JsonObject();
                     foreach (var (label, probability) in p.Probabilities) probabilities[label] = probability;
-                    context.Output.WriteLine(new JsonObject
+                    context.Output.WriteLine(Json.Line(new JsonObject
                     {
                         ["text"] = p.Text, ["label"] = p.Label, ["label_id"] = p.LabelId, ["probabilities"] = probabilities,
                         ["logits"] = new JsonArray(p.Logits.Select(l => (JsonNode?)l).ToArray()),
-                    }.ToJsonString(Json.Options));
+                    }));
                 }
                 else
                     context.Output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{p.Label} ({p.Probabilities[p.Label]:P1})\t{RunDisplay.OneLine(p.Text)}"));

@@ -94,10 +94,11 @@ internal static class ModelCommands
     {
         var modelPath = ModelOption();
         var format = Commands.FormatOption();
-        var command = new Command("info", "Print a model's configuration, parameter count and memory.") { modelPath, format };
+        var allowNonFinite = Commands.AllowNonFiniteOption();
+        var command = new Command("info", "Print a model's configuration, parameter count and memory.") { modelPath, format, allowNonFinite };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
-            using var model = LoadModel(context, parse.GetValue(modelPath)!);
+            using var model = LoadModel(context, parse.GetValue(modelPath)!, parse.GetValue(allowNonFinite));
             Commands.Print(context, parse.GetValue(format)!, Describe(model));
             return 0;
         }));
@@ -112,29 +113,58 @@ internal static class ModelCommands
             Description = "Token ids of one sequence, comma-separated (1,2,3); repeat for a batch of equal-length sequences.",
             Required = true, AllowMultipleArgumentsPerToken = false,
         };
-        var command = new Command("logits", "Print the logits {\"logits\": [[[...]]]} of shape [batch, length, vocabulary], for cross-checking against other implementations.") { modelPath, ids };
+        var format = Commands.FormatOption("json");
+        format.Description = "json: {\"logits\": [[[...]]]} with NaN and infinities as null (JSON has no word for them); " +
+                             "text: each position's five largest logits, for people.";
+        var allowNonFinite = Commands.AllowNonFiniteOption();
+        var command = new Command("logits", "Print the logits {\"logits\": [[[...]]]} of shape [batch, length, vocabulary], for cross-checking against other implementations.")
+        {
+            modelPath, ids, format, allowNonFinite,
+        };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
             var sequences = parse.GetValue(ids)!.Select((s, i) => ParseIdList(s, $"--ids #{i + 1}")).ToList();
-            using var model = LoadModel(context, parse.GetValue(modelPath)!);
+            using var model = LoadModel(context, parse.GetValue(modelPath)!, parse.GetValue(allowNonFinite));
             var logits = model.Logits(sequences);
-            var writer = context.Output;
-            writer.Write("{\"logits\": [");
-            for (var b = 0; b < logits.Length; b++)
-            {
-                writer.Write(b == 0 ? "[" : ", [");
-                for (var t = 0; t < logits[b].Length; t++)
-                {
-                    writer.Write(t == 0 ? "[" : ", [");
-                    writer.Write(string.Join(", ", logits[b][t].Select(v => v.ToString("R", CultureInfo.InvariantCulture))));
-                    writer.Write("]");
-                }
-                writer.Write("]");
-            }
-            writer.WriteLine("]}");
+            if (parse.GetValue(format) == "text") PrintTopLogits(context.Output, sequences, logits);
+            else PrintLogitsJson(context.Output, logits);
             return 0;
         }));
         return command;
+    }
+
+    /// <summary>{"logits": [[[...]]]}, written as it goes (a batch of long sequences is large), non-finite values as null.</summary>
+    private static void PrintLogitsJson(TextWriter writer, float[][][] logits)
+    {
+        writer.Write("{\"logits\": [");
+        for (var b = 0; b < logits.Length; b++)
+        {
+            writer.Write(b == 0 ? "[" : ", [");
+            for (var t = 0; t < logits[b].Length; t++)
+            {
+                writer.Write(t == 0 ? "[" : ", [");
+                writer.Write(string.Join(", ", logits[b][t].Select(v => float.IsFinite(v) ? v.ToString("R", CultureInfo.InvariantCulture) : "null")));
+                writer.Write("]");
+            }
+            writer.Write("]");
+        }
+        writer.WriteLine("]}");
+    }
+
+    /// <summary>For people: per sequence and position, the input id and the five largest logits (id=logit), with how
+    /// many values are NaN or infinite when there are any.</summary>
+    private static void PrintTopLogits(TextWriter writer, IReadOnlyList<int[]> sequences, float[][][] logits)
+    {
+        for (var b = 0; b < logits.Length; b++)
+            for (var t = 0; t < logits[b].Length; t++)
+            {
+                var row = logits[b][t];
+                var top = row.Select((v, id) => (v, id)).Where(x => !float.IsNaN(x.v)).OrderByDescending(x => x.v).Take(5)
+                    .Select(x => string.Create(CultureInfo.InvariantCulture, $"{x.id}={x.v:0.####}"));
+                var nonFinite = row.Count(v => !float.IsFinite(v));
+                var note = nonFinite > 0 ? $"  ({nonFinite} of {row.Length} not finite)" : "";
+                writer.WriteLine($"sequence {b + 1}, position {t + 1} (id {sequences[b][t]}): {string.Join("  ", top)}{note}");
+            }
     }
 
     internal static Option<string> ModelOption() =>
@@ -146,8 +176,11 @@ internal static class ModelCommands
         };
 
     /// <summary>Loads any model source, showing downloads on standard error.</summary>
-    internal static GptModel LoadModel(CliContext context, string source) =>
-        GptModel.Load(source, DownloadProgressBar.For(context), context.Cancellation);
+    internal static GptModel LoadModel(CliContext context, string source, bool allowNonFinite = false) =>
+        GptModel.Load(source, new ModelLoadOptions
+        {
+            Progress = DownloadProgressBar.For(context), CancellationToken = context.Cancellation, AllowNonFinite = allowNonFinite,
+        });
 
     /// <summary>"1,2,3" (or "[1, 2, 3]") to ids, with a clear error.</summary>
     internal static int[] ParseIdList(string text, string where)

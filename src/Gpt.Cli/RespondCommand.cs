@@ -16,11 +16,12 @@ internal static class RespondCommand
         style.AcceptOnlyFromAmong("alpaca", "phi3");
         var generation = new GenerationOptions(256);
         var format = Commands.FormatOption();
+        var allowNonFinite = Commands.AllowNonFiniteOption();
         var command = new Command("respond",
             "Answer an instruction with an instruction-tuned model (book chapter 7): the prompt formatted as in training, generation " +
             "stopping at end-of-text, the text after the response marker. JSON output: {\"instruction\", \"input\", \"response\"} per entry.")
         {
-            modelPath, instruction, input, style, format,
+            modelPath, instruction, input, style, format, allowNonFinite,
         };
         generation.AddTo(command);
         command.SetAction(parse => CliApp.Guard(context, () =>
@@ -29,7 +30,8 @@ internal static class RespondCommand
                 ? [new InstructionEntry(text, parse.GetValue(input) ?? "")]
                 : ReadEntries(context);
             if (entries.Count == 0) throw new GptException("no instruction: pass --instruction \"...\" or JSON Lines {\"instruction\": ...} on standard input");
-            using var model = InstructionModel.Load(parse.GetValue(modelPath)!, parse.GetValue(style) == "phi3" ? PromptStyle.Phi3 : PromptStyle.Alpaca);
+            using var model = InstructionModel.Load(parse.GetValue(modelPath)!, parse.GetValue(style) == "phi3" ? PromptStyle.Phi3 : PromptStyle.Alpaca,
+                new ModelLoadOptions { AllowNonFinite = parse.GetValue(allowNonFinite) });
             var settings = generation.Read(parse);
             foreach (var entry in entries)
             {
