@@ -318,7 +318,8 @@ module Checkpoint =
         for file in document.Files do
             let path = Path.Combine(directory, file.Name)
             if not (File.Exists path) then Errors.fail "checkpoint '%s': %s is missing" directory file.Name
-            let length = FileInfo(path).Length
+            // A regular file (links followed; a FIFO would block the hash forever), of the recorded size.
+            let path, length = BoundedFile.check (sprintf "checkpoint '%s': tensor file" directory) Int64.MaxValue path
             if length <> file.Bytes then
                 Errors.fail "checkpoint '%s': %s has %d bytes, expected %d (truncated or replaced?)" directory file.Name length file.Bytes
             if hashes && sha256 path <> file.Sha256 then
@@ -534,6 +535,24 @@ module Checkpoint =
         if document.ModelTensors <> "all" then
             Errors.fail "checkpoint '%s' holds only the trained parameters of a fine-tuning run, not a whole model: resume its run, or use the model its run wrote" directory
         let config = Pretrained.parseConfig (Path.Combine(directory, stateFile) + " (model_configuration)") document.State.ModelConfiguration
+        // The tensor file's header against the configuration before the model is built: a model_configuration that
+        // disagrees with the weights (n_embd 12288 beside a small model's) must not allocate a large model first.
+        checkFiles directory document false
+        let weights = Path.Combine(directory, modelFile)
+        let stored = dict [ for entry in (Safetensors.readHeader weights).Entries -> entry.Name, entry.Shape ]
+        let problems =
+            [ for name, shape, required in Pretrained.expectedTensors config do
+                  // The state_dict holds Linear weights [out, in], not the Hugging Face layout's Conv1D [in, out].
+                  let shape = if Pretrained.isConv1DWeight name then Array.rev shape else shape
+                  match stored.TryGetValue name with
+                  | true, found when found <> shape ->
+                      yield sprintf "tensor '%s' has shape %s, expected %s" name (Errors.shapeText found) (Errors.shapeText shape)
+                  | false, _ when required -> yield sprintf "missing tensor '%s'" name
+                  | _ -> () ]
+        if not problems.IsEmpty then
+            Errors.fail "checkpoint '%s': %s does not fit the checkpoint's model_configuration: %s%s" directory modelFile
+                (problems |> List.truncate 3 |> String.concat "; ")
+                (if problems.Length > 3 then sprintf "; and %d more" (problems.Length - 3) else "")
         ModelMemory.require (sprintf "checkpoint '%s'" directory) config
         let model = GptModel.Uninitialised config // every weight is overwritten by the checkpoint's
         try

@@ -210,7 +210,7 @@ module RunFile =
         if not (File.Exists path) then None, Loss.defaultTrainRatio
         else
             try
-                let json = JsonNode.Parse(File.ReadAllText path)
+                let json = JsonNode.Parse(BoundedFile.readText "run file" BoundedFile.defaultLimit path)
                 let data = match json["data"] with null -> None | node -> Some(node.GetValue<string>())
                 let ratio = match json["train_ratio"] with null -> Loss.defaultTrainRatio | node -> node.GetValue<float>()
                 data, ratio

@@ -78,12 +78,32 @@ module BoundedFile =
     /// Options that refuse duplicate keys (which one would win is a guess) and deep nesting.
     let jsonOptions = JsonDocumentOptions(AllowDuplicateProperties = false, MaxDepth = 64)
 
-    /// Parses JSON text with `jsonOptions`; `what` names it in the error ("config 'x/config.json'").
+    /// Fails unless every string and property name in the element is text: JSON can escape half of a surrogate pair
+    /// ("\ud800"), which is well-formed JSON but no string, and reading it later would throw an InvalidOperationException.
+    let rec checkStrings (what: string) (element: JsonElement) =
+        let bad (e: exn) = Errors.fail "%s holds a string that is not valid text (%s)" what e.Message
+        match element.ValueKind with
+        | JsonValueKind.String -> (try element.GetString() |> ignore with :? InvalidOperationException as e -> bad e)
+        | JsonValueKind.Array -> for item in element.EnumerateArray() do checkStrings what item
+        | JsonValueKind.Object ->
+            for property in element.EnumerateObject() do
+                (try property.Name |> ignore with :? InvalidOperationException as e -> bad e)
+                checkStrings what property.Value
+        | _ -> ()
+
+    /// Parses JSON text with `jsonOptions` and checkStrings; `what` names it in the error ("config 'x/config.json'").
     let parseJson (what: string) (text: string) : JsonDocument =
+        let document =
+            try
+                JsonDocument.Parse(text, jsonOptions)
+            with :? JsonException as e ->
+                raise (GptException(sprintf "%s is not valid JSON (%s)" what e.Message, e))
         try
-            JsonDocument.Parse(text, jsonOptions)
-        with :? JsonException as e ->
-            raise (GptException(sprintf "%s is not valid JSON (%s)" what e.Message, e))
+            checkStrings what document.RootElement
+            document
+        with _ ->
+            document.Dispose()
+            reraise ()
 
     /// Reads and parses a JSON file of at most `limit` bytes (see `check`).
     let readJson (what: string) (limit: int64) (path: string) : JsonDocument =

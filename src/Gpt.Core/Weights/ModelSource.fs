@@ -84,7 +84,7 @@ module ModelSource =
             with :? JsonException -> false
         if not book then Pretrained.parseConfig path text
         else
-            use document = JsonDocument.Parse text
+            use document = BoundedFile.parseJson (sprintf "configuration '%s'" path) text
             let root = document.RootElement
             let fail format = Printf.ksprintf (fun m -> raise (GptException(sprintf "configuration '%s': %s" path m))) format
             let field (key: string) = match root.TryGetProperty key with | true, v -> Some v | _ -> None

@@ -110,6 +110,7 @@ module Pretrained =
                 JsonDocument.Parse(text, BoundedFile.jsonOptions)
             with :? JsonException as e ->
                 configError path "not valid JSON (%s)" e.Message
+        BoundedFile.checkStrings (sprintf "config '%s'" path) document.RootElement
         read (ConfigFields(path, document.RootElement))
 
     /// The most a config.json may hold: 16 MB (GPT-2's is 700 bytes; a classifier's labels add a little).
