@@ -309,9 +309,8 @@ module Classification =
         ClassificationOptions.validate options
         let tokenizer = Tokenizers.gpt2 ()
         let ((train, _, _) as splits), dataLabels = texts options
-        let resumed = options.Training.ResumeFrom |> Option.map (Run.resumedDirectory options.Training)
-        let runDirectory = resumed |> Option.map snd |> Option.defaultWith (fun () -> Run.freshDirectory options.Training)
-        use runLock = RunLock.acquire runDirectory
+        let runDirectory, resumed, runLock = Run.lockedDirectory options.Training
+        use runLock = runLock
         use classifier = startingClassifier options dataLabels
         let config = classifier.Config
         let limit, fixedLength = lengths options config.Pooling config.Body.ContextLength tokenizer train

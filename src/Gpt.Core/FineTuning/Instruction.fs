@@ -221,9 +221,8 @@ module Instruction =
         InstructionOptions.validate options
         let tokenizer = Tokenizers.gpt2 ()
         let train, validation, test = entries options
-        let resumed = options.Training.ResumeFrom |> Option.map (Run.resumedDirectory options.Training)
-        let runDirectory = resumed |> Option.map snd |> Option.defaultWith (fun () -> Run.freshDirectory options.Training)
-        use runLock = RunLock.acquire runDirectory
+        let runDirectory, resumed, runLock = Run.lockedDirectory options.Training
+        use runLock = runLock
         use model = startingModel options resumed
         let maxLength = min model.Config.ContextLength (options.MaxLength |> Option.defaultValue model.Config.ContextLength)
         let endOfText = tokenizer.EndOfTextId |> Option.defaultValue 50256

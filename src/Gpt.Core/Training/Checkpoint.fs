@@ -374,10 +374,12 @@ module Checkpoint =
             directories
             |> Array.choose (fun d -> stepOfName d |> Option.map (fun step -> d, step))
             |> Array.sortBy snd
-            |> Array.map (fun (directory, step) ->
+            |> Array.choose (fun (directory, step) ->
                 match tryRead directory with
-                | Ok state -> { Directory = directory; Step = step; State = Some state; Problem = None }
-                | Error problem -> { Directory = directory; Step = step; State = None; Problem = Some problem })
+                | Ok state -> Some { Directory = directory; Step = step; State = Some state; Problem = None }
+                // Deleted while it was read (pruned by a run that holds the folder): gone, not damaged.
+                | Error _ when not (Directory.Exists directory) -> None
+                | Error problem -> Some { Directory = directory; Step = step; State = None; Problem = Some problem })
 
     /// Complete checkpoints under a root directory, oldest first. Temporary directories of unfinished saves and
     /// damaged checkpoints (see inspect) are left out.

@@ -325,6 +325,14 @@ module Run =
         | _ -> ()
         checkpoint, runDirectory
 
+    /// The run folder a resume path names, found without reading any checkpoint (what resumedDirectory finds after
+    /// resolving it): a run folder, its checkpoints folder, or a checkpoint in it. None when the path does not exist.
+    let private runDirectoryOfResume (resume: string) =
+        if String.IsNullOrWhiteSpace resume || not (Directory.Exists resume) then None
+        elif File.Exists(Path.Combine(resume, Checkpoint.stateFile)) then Some(RunOptions.runDirectoryOf resume)
+        elif Directory.Exists(Path.Combine(resume, "checkpoints")) then Some(Path.GetFullPath(resume).TrimEnd(Path.DirectorySeparatorChar))
+        else Some(RunOptions.runDirectoryOf (Path.Combine(resume, "step-00000000")))
+
     /// A new run's folder: OutputDirectory/Name (or a dated name), refused when it holds another run's checkpoints.
     let freshDirectory (settings: TrainingSettings) =
         let name = settings.Name |> Option.defaultWith (fun () -> defaultName settings.OutputDirectory)
@@ -333,27 +341,43 @@ module Run =
             Errors.fail "'%s' already holds a run: resume it (--resume %s) or choose another name" runDirectory runDirectory
         runDirectory
 
+    /// The run's folder, locked (see RunLock), and for a resume the checkpoint it continues from and the folder. A
+    /// resumed run's folder is locked before any checkpoint is read: a second writer fails on the lock, naming the
+    /// first, and never on a checkpoint the first is pruning meanwhile.
+    let lockedDirectory (settings: TrainingSettings) : string * (string * string) option * RunLock =
+        match settings.ResumeFrom with
+        | Some resume ->
+            match runDirectoryOfResume resume with
+            | None ->
+                // resumedDirectory says what is wrong with the path.
+                let checkpoint, runDirectory = resumedDirectory settings resume
+                let runLock = RunLock.acquire runDirectory
+                runDirectory, Some(checkpoint, runDirectory), runLock
+            | Some expected ->
+                let runLock = RunLock.acquire expected
+                try
+                    let checkpoint, runDirectory = resumedDirectory settings resume
+                    if runDirectory <> runLock.Directory then
+                        Errors.fail "the checkpoint '%s' belongs to the run folder '%s', not '%s'" checkpoint runDirectory runLock.Directory
+                    runDirectory, Some(checkpoint, runDirectory), runLock
+                with _ ->
+                    runLock.Release()
+                    reraise ()
+        | None ->
+            let runDirectory = freshDirectory settings
+            runDirectory, None, RunLock.acquire runDirectory
+
     /// The run folder (locked: see RunLock) and the model a run starts from: a checkpoint's (resume), a pretrained one,
     /// or a fresh one.
     let private prepareModel (options: RunOptions) : string * string option * GptModel * RunLock =
-        let locked (runDirectory: string) (build: unit -> string option * GptModel) =
-            let runLock = RunLock.acquire runDirectory
-            try
-                let resumeFrom, model = build ()
-                runDirectory, resumeFrom, model, runLock
-            with _ ->
-                runLock.Release()
-                reraise ()
-        match options.Training.ResumeFrom with
-        | Some resume ->
-            let checkpoint, runDirectory = resumedDirectory options.Training resume
-            locked runDirectory (fun () ->
+        let runDirectory, resumed, runLock = lockedDirectory options.Training
+        try
+            match resumed with
+            | Some(checkpoint, _) ->
                 let model = Checkpoint.loadGpt checkpoint
                 checkShape "--resume" "the run" options model
-                Some checkpoint, model)
-        | None ->
-            let runDirectory = freshDirectory options.Training
-            locked runDirectory (fun () ->
+                runDirectory, Some checkpoint, model, runLock
+            | None ->
                 let config = options.Model |> Option.defaultValue RunOptions.defaultModel
                 let model =
                     match options.InitFrom, options.Initialization with
@@ -364,7 +388,10 @@ module Run =
                         | ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed)
                         | ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed)
                 if options.InitFrom.IsSome then checkShape "--init-from" "the model" options model
-                None, model)
+                runDirectory, None, model, runLock
+        with _ ->
+            runLock.Release()
+            reraise ()
 
     /// The text of a run as token ids, checked to give both splits a window.
     let private tokens (options: RunOptions) (documents: Corpus.Document[]) (tokenizer: ITokenizer) (contextLength: int) =
