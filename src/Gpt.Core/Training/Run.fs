@@ -254,9 +254,19 @@ module RunOptions =
         | root when Path.GetFileName root = "checkpoints" -> Path.GetDirectoryName root
         | root -> root
 
+    /// The run folder a resume path names, found without reading any checkpoint (what resolving it and runDirectoryOf
+    /// give): a run folder, its checkpoints folder, or a checkpoint in it. None when the path is not a folder.
+    let runDirectoryOfPath (resume: string) =
+        if String.IsNullOrWhiteSpace resume || not (Directory.Exists resume) then None
+        elif File.Exists(Path.Combine(resume, Checkpoint.stateFile)) then Some(runDirectoryOf resume)
+        elif Directory.Exists(Path.Combine(resume, "checkpoints")) then Some(Path.GetFullPath(resume).TrimEnd(Path.DirectorySeparatorChar))
+        else Some(runDirectoryOf (Path.Combine(resume, "step-00000000")))
+
     /// The options a run was trained with, read back from its folder or a checkpoint, with ResumeFrom = path: change
-    /// MaxSteps or Epochs to extend it.
+    /// MaxSteps or Epochs to extend it. A folder another run holds (see RunLock) is refused first: that run may be
+    /// pruning the very checkpoint this would read.
     let fromCheckpoint (path: string) : RunOptions =
+        runDirectoryOfPath path |> Option.iter RunLock.requireFree
         let directory = Checkpoint.resolve path
         let state = Checkpoint.read directory
         let stored = TrainerOptions.ofJson state.TrainingOptions
@@ -325,14 +335,6 @@ module Run =
         | _ -> ()
         checkpoint, runDirectory
 
-    /// The run folder a resume path names, found without reading any checkpoint (what resumedDirectory finds after
-    /// resolving it): a run folder, its checkpoints folder, or a checkpoint in it. None when the path does not exist.
-    let private runDirectoryOfResume (resume: string) =
-        if String.IsNullOrWhiteSpace resume || not (Directory.Exists resume) then None
-        elif File.Exists(Path.Combine(resume, Checkpoint.stateFile)) then Some(RunOptions.runDirectoryOf resume)
-        elif Directory.Exists(Path.Combine(resume, "checkpoints")) then Some(Path.GetFullPath(resume).TrimEnd(Path.DirectorySeparatorChar))
-        else Some(RunOptions.runDirectoryOf (Path.Combine(resume, "step-00000000")))
-
     /// A new run's folder: OutputDirectory/Name (or a dated name), refused when it holds another run's checkpoints.
     let freshDirectory (settings: TrainingSettings) =
         let name = settings.Name |> Option.defaultWith (fun () -> defaultName settings.OutputDirectory)
@@ -347,7 +349,7 @@ module Run =
     let lockedDirectory (settings: TrainingSettings) : string * (string * string) option * RunLock =
         match settings.ResumeFrom with
         | Some resume ->
-            match runDirectoryOfResume resume with
+            match RunOptions.runDirectoryOfPath resume with
             | None ->
                 // resumedDirectory says what is wrong with the path.
                 let checkpoint, runDirectory = resumedDirectory settings resume

@@ -57,6 +57,29 @@ module RunLock =
         | :? IOException
         | :? UnauthorizedAccessException -> None
 
+    let private inUse (directory: string) (who: string) =
+        Errors.fail "the run folder '%s' is in use: another run holds it (%s). Two runs writing one folder would destroy each other's checkpoints: wait for that run to end or stop it, or use another --name"
+            directory who
+
+    /// Who holds a run folder's lock now, if anyone does (nothing is created or written: a folder without run.lock is
+    /// free).
+    let heldBy (directory: string) : string option =
+        let lockPath = Path.Combine(directory, fileName)
+        if not (File.Exists lockPath) then None
+        else
+            try
+                (new FileStream(lockPath, FileMode.Open, FileAccess.ReadWrite, FileShare.None)).Dispose()
+                None
+            with
+            | :? UnauthorizedAccessException -> None
+            | :? IOException as e -> Some(holder directory |> Option.defaultValue e.Message)
+
+    /// Fails as acquire does when another run holds the folder's lock; takes nothing.
+    let requireFree (directory: string) =
+        match heldBy directory with
+        | Some who -> inUse (Path.GetFullPath directory) who
+        | None -> ()
+
     /// Takes a run folder's lock (creating the folder), or fails at once when another run holds it, naming that run's
     /// process. Dispose the result (or call Release) when the run is done.
     let acquire (directory: string) : RunLock =
@@ -82,12 +105,7 @@ module RunLock =
                     | Some text -> Some text
                     | None when attempts > 0 -> Thread.Sleep 50; wait (attempts - 1)
                     | None -> None
-                let who =
-                    match wait 20 with
-                    | Some text -> sprintf "another run holds it (%s)" text
-                    | None -> sprintf "another run holds it (%s)" e.Message
-                Errors.fail "the run folder '%s' is in use: %s. Two runs writing one folder would destroy each other's checkpoints: wait for that run to end or stop it, or use another --name"
-                    directory who
+                inUse directory (wait 20 |> Option.defaultValue e.Message)
         let text =
             sprintf "pid %d on %s since %s" Environment.ProcessId Environment.MachineName (DateTime.UtcNow.ToString "yyyy-MM-ddTHH:mm:ssZ")
         try
