@@ -162,7 +162,7 @@ public static class Trainer
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(options);
-        return ToResult(Run.pretrain(options.ToFSharp(), Reporter(progress), cancellationToken));
+        return Facade.Guard(() => ToResult(Run.pretrain(options.ToFSharp(), Reporter(progress), cancellationToken)));
     }
 
     /// <summary>The core's run reports as <see cref="TrainingProgress"/>, with the run's plots (loss.png, and

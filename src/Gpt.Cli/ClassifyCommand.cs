@@ -14,9 +14,10 @@ internal static class ClassifyCommand
         var adapter = ModelCommands.AdapterOption();
         var texts = new Option<string[]>("--text") { Description = "A text to classify; repeat for several. Without --text: JSON Lines {\"text\": ...} on standard input." };
         var format = Commands.FormatOption();
+        var allowNonFinite = Commands.AllowNonFiniteOption();
         var command = new Command("classify", "Label texts with a classifier. JSON output: one object per text {\"text\", \"label\", \"label_id\", \"probabilities\": {label: p}, \"logits\": [...]}.")
         {
-            modelPath, adapter, texts, format,
+            modelPath, adapter, texts, format, allowNonFinite,
         };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
@@ -25,7 +26,8 @@ internal static class ClassifyCommand
             if (inputs.Count == 0) throw new GptException("no text to classify: pass --text \"...\" or JSON Lines {\"text\": ...} on standard input");
             using var classifier = parse.GetValue(adapter) is { } adapterDirectory
                 ? Adapter.LoadClassifier(adapterDirectory, parse.GetValue(modelPath))
-                : TextClassifier.Load(parse.GetValue(modelPath) ?? throw new GptException("no classifier: pass --model (a classifier folder) or --adapter"));
+                : TextClassifier.Load(parse.GetValue(modelPath) ?? throw new GptException("no classifier: pass --model (a classifier folder) or --adapter"),
+                    new ModelLoadOptions { AllowNonFinite = parse.GetValue(allowNonFinite) });
             var json = parse.GetValue(format) == "json";
             foreach (var p in classifier.ClassifyBatch(inputs))
             {
@@ -33,11 +35,11 @@ internal static class ClassifyCommand
                 {
                     var probabilities = new JsonObject();
                     foreach (var (label, probability) in p.Probabilities) probabilities[label] = probability;
-                    context.Output.WriteLine(new JsonObject
+                    context.Output.WriteLine(Json.Line(new JsonObject
                     {
                         ["text"] = p.Text, ["label"] = p.Label, ["label_id"] = p.LabelId, ["probabilities"] = probabilities,
                         ["logits"] = new JsonArray(p.Logits.Select(l => (JsonNode?)l).ToArray()),
-                    }.ToJsonString(Json.Options));
+                    }));
                 }
                 else
                     context.Output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{p.Label} ({p.Probabilities[p.Label]:P1})\t{RunDisplay.OneLine(p.Text)}"));

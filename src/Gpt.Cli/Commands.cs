@@ -31,11 +31,18 @@ internal static partial class Commands
         return format;
     }
 
+    /// <summary>--allow-nonfinite, for commands that load a model.</summary>
+    internal static Option<bool> AllowNonFiniteOption() => new("--allow-nonfinite")
+    {
+        Description = "Load the model even if its weights hold NaN or infinities (by default an error naming the tensors).",
+    };
+
     private static readonly JsonSerializerOptions Compact = new(Json.Options) { WriteIndented = false };
 
     /// <summary>Prints a result as one JSON line, or as "key: value" lines for people.</summary>
     internal static void Print(CliContext context, string format, JsonObject result)
     {
+        Json.Finite(result);
         if (format == "json")
         {
             context.Output.WriteLine(result.ToJsonString(Compact));

@@ -17,11 +17,12 @@ internal static class RespondCommand
         style.AcceptOnlyFromAmong("alpaca", "phi3");
         var generation = new GenerationOptions(256);
         var format = Commands.FormatOption();
+        var allowNonFinite = Commands.AllowNonFiniteOption();
         var command = new Command("respond",
             "Answer an instruction with an instruction-tuned model (book chapter 7): the prompt formatted as in training, generation " +
             "stopping at end-of-text, the text after the response marker. JSON output: {\"instruction\", \"input\", \"response\"} per entry.")
         {
-            modelPath, adapter, instruction, input, style, format,
+            modelPath, adapter, instruction, input, style, format, allowNonFinite,
         };
         generation.AddTo(command);
         command.SetAction(parse => CliApp.Guard(context, () =>
@@ -33,7 +34,8 @@ internal static class RespondCommand
             var promptStyle = parse.GetValue(style) == "phi3" ? PromptStyle.Phi3 : PromptStyle.Alpaca;
             using var model = parse.GetValue(adapter) is { } adapterDirectory
                 ? InstructionModel.LoadWithAdapter(adapterDirectory, parse.GetValue(modelPath), promptStyle)
-                : InstructionModel.Load(parse.GetValue(modelPath) ?? throw new GptException("no model: pass --model or --adapter"), promptStyle);
+                : InstructionModel.Load(parse.GetValue(modelPath) ?? throw new GptException("no model: pass --model or --adapter"), promptStyle,
+                    new ModelLoadOptions { AllowNonFinite = parse.GetValue(allowNonFinite) });
             var settings = generation.Read(parse);
             foreach (var entry in entries)
             {

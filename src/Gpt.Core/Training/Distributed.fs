@@ -434,6 +434,8 @@ module Torchrun =
         if options.Training.Lora.IsSome then
             Errors.fail "LoRA runs train in process only: --engine torchrun trains every weight (leave out --lora-rank, or use --engine dotnet)"
         let prepared = Run.prepare options
+        // The lock covers the preparation; torchrun's processes write the folder on their own (not locked).
+        use runLock = prepared.Lock
         use model = prepared.Model
         let trainerOptions = prepared.TrainerOptions
         let task = LanguageModelTask.create trainerOptions model prepared.Data

@@ -249,7 +249,7 @@ module RunFile =
         if not (File.Exists path) then none
         else
             try
-                let json = JsonNode.Parse(File.ReadAllText path)
+                let json = JsonNode.Parse(BoundedFile.readText "run file" BoundedFile.defaultLimit path)
                 let text (key: string) = match json[key] with null -> None | node -> Some(node.GetValue<string>())
                 { Data = text "data"
                   TrainRatio = match json["train_ratio"] with null -> Loss.defaultTrainRatio | node -> node.GetValue<float>()
@@ -296,9 +296,19 @@ module RunOptions =
         | root when Path.GetFileName root = "checkpoints" -> Path.GetDirectoryName root
         | root -> root
 
+    /// The run folder a resume path names, found without reading any checkpoint (what resolving it and runDirectoryOf
+    /// give): a run folder, its checkpoints folder, or a checkpoint in it. None when the path is not a folder.
+    let runDirectoryOfPath (resume: string) =
+        if String.IsNullOrWhiteSpace resume || not (Directory.Exists resume) then None
+        elif File.Exists(Path.Combine(resume, Checkpoint.stateFile)) then Some(runDirectoryOf resume)
+        elif Directory.Exists(Path.Combine(resume, "checkpoints")) then Some(Path.GetFullPath(resume).TrimEnd(Path.DirectorySeparatorChar))
+        else Some(runDirectoryOf (Path.Combine(resume, "step-00000000")))
+
     /// The options a run was trained with, read back from its folder or a checkpoint, with ResumeFrom = path: change
-    /// MaxSteps or Epochs to extend it.
+    /// MaxSteps or Epochs to extend it. A folder another run holds (see RunLock) is refused first: that run may be
+    /// pruning the very checkpoint this would read.
     let fromCheckpoint (path: string) : RunOptions =
+        runDirectoryOfPath path |> Option.iter RunLock.requireFree
         let directory = Checkpoint.resolve path
         let state = Checkpoint.read directory
         let stored = TrainerOptions.ofJson state.TrainingOptions
@@ -340,7 +350,9 @@ type PreparedRun =
       /// The model to train (a resumed run's as its checkpoint holds it); the caller disposes it.
       Model: GptModel
       Data: TrainingData
-      TrainerOptions: TrainerOptions }
+      TrainerOptions: TrainerOptions
+      /// The run folder's lock (see RunLock); the caller releases it when the run is over.
+      Lock: RunLock }
 
 /// Pretraining runs (book ch. 5): a folder, a model, the data, the trainer, the final model.
 [<RequireQualifiedAccess>]
@@ -392,28 +404,60 @@ module Run =
             Errors.fail "'%s' already holds a run: resume it (--resume %s) or choose another name" runDirectory runDirectory
         runDirectory
 
-    /// The model a new run starts from: a pretrained one or a fresh one.
+    /// The run's folder, locked (see RunLock), and for a resume the checkpoint it continues from and the folder. A
+    /// resumed run's folder is locked before any checkpoint is read: a second writer fails on the lock, naming the
+    /// first, and never on a checkpoint the first is pruning meanwhile.
+    let lockedDirectory (settings: TrainingSettings) : string * (string * string) option * RunLock =
+        match settings.ResumeFrom with
+        | Some resume ->
+            match RunOptions.runDirectoryOfPath resume with
+            | None ->
+                // resumedDirectory says what is wrong with the path.
+                let checkpoint, runDirectory = resumedDirectory settings resume
+                let runLock = RunLock.acquire runDirectory
+                runDirectory, Some(checkpoint, runDirectory), runLock
+            | Some expected ->
+                let runLock = RunLock.acquire expected
+                try
+                    let checkpoint, runDirectory = resumedDirectory settings resume
+                    if runDirectory <> runLock.Directory then
+                        Errors.fail "the checkpoint '%s' belongs to the run folder '%s', not '%s'" checkpoint runDirectory runLock.Directory
+                    runDirectory, Some(checkpoint, runDirectory), runLock
+                with _ ->
+                    runLock.Release()
+                    reraise ()
+        | None ->
+            let runDirectory = freshDirectory settings
+            runDirectory, None, RunLock.acquire runDirectory
+
+    /// The model a new run starts from: a pretrained one or a fresh one (its size checked against memory first).
     let private startingModel (options: RunOptions) : GptModel =
         let config = options.Model |> Option.defaultValue RunOptions.defaultModel
         match options.InitFrom, options.Initialization with
         | Some init, _ -> ModelSource.load init
-        | None, ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed)
-        | None, ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed)
+        | None, initialization ->
+            ModelMemory.require "the run's model" config
+            match initialization with
+            | ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed)
+            | ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed)
 
-    /// The run folder and the model a run starts from: a checkpoint's (resume; a LoRA checkpoint holds only the
-    /// adapters, so its base is rebuilt as it started), a pretrained one, or a fresh one.
-    let private prepareModel (options: RunOptions) : string * string option * GptModel =
-        match options.Training.ResumeFrom with
-        | Some resume ->
-            let checkpoint, runDirectory = resumedDirectory options.Training resume
-            let model = if Checkpoint.holdsWholeModel checkpoint then Checkpoint.loadGpt checkpoint else startingModel options
-            checkShape "--resume" "the run" options model
-            runDirectory, Some checkpoint, model
-        | None ->
-            let runDirectory = freshDirectory options.Training
-            let model = startingModel options
-            if options.InitFrom.IsSome then checkShape "--init-from" "the model" options model
-            runDirectory, None, model
+    /// The run folder (locked: see RunLock) and the model a run starts from: a checkpoint's (resume; a LoRA checkpoint
+    /// holds only the adapters, so its base is rebuilt as it started), a pretrained one, or a fresh one.
+    let private prepareModel (options: RunOptions) : string * string option * GptModel * RunLock =
+        let runDirectory, resumed, runLock = lockedDirectory options.Training
+        try
+            match resumed with
+            | Some(checkpoint, _) ->
+                let model = if Checkpoint.holdsWholeModel checkpoint then Checkpoint.loadGpt checkpoint else startingModel options
+                checkShape "--resume" "the run" options model
+                runDirectory, Some checkpoint, model, runLock
+            | None ->
+                let model = startingModel options
+                if options.InitFrom.IsSome then checkShape "--init-from" "the model" options model
+                runDirectory, None, model, runLock
+        with _ ->
+            runLock.Release()
+            reraise ()
 
     /// Attaches a run's adapters and freezes the base (LoRA); nothing without LoRA settings.
     let attachAdapters (settings: TrainingSettings) (model: GptModel) =
@@ -478,6 +522,15 @@ module Run =
         let modelSaved directory = emit { latest.Value with Kind = RunEventKind.ModelSaved; Path = Some directory }
         onEvent, modelSaved, (fun () -> latest.Value)
 
+    /// The trainer's event handler that first writes a fresh run's run.json when the trainer starts: only then has
+    /// every option been checked (the trainer checks its own against the data), so a refused run writes nothing.
+    let writeRunFileWhenStarted (write: unit -> unit) (onEvent: TrainingEvent -> unit) =
+        fun event ->
+            match event with
+            | Started _ -> write ()
+            | _ -> ()
+            onEvent event
+
     /// The run's result from the trainer's.
     let resultOf (r: TrainingResult) (elapsed: TimeSpan) (runDirectory: string) (modelDirectory: string option) =
         let first = r.Evaluations |> Array.tryHead
@@ -496,7 +549,7 @@ module Run =
         let tokenizer = Tokenizers.gpt2 ()
         // The text first: a missing file is found before a large model is built.
         let documents = options.Data |> Option.map Corpus.load |> Option.defaultWith (fun () -> [| Corpus.builtIn.Value |])
-        let runDirectory, resumeFrom, model = prepareModel options
+        let runDirectory, resumeFrom, model, runLock = prepareModel options
         try
             attachAdapters options.Training model
             if options.Training.Lora.IsSome then Lora.freezeBase (fun _ -> false) model |> ignore
@@ -509,9 +562,10 @@ module Run =
             let data = TrainingData.forGpt config tokenizer options.TrainRatio (tokens options documents tokenizer contextLength)
             let trainerOptions = RunOptions.toTrainerOptions options contextLength runDirectory
             TrainerOptions.validate trainerOptions
-            { RunDirectory = runDirectory; ResumeFrom = resumeFrom; Model = model; Data = data; TrainerOptions = trainerOptions }
+            { RunDirectory = runDirectory; ResumeFrom = resumeFrom; Model = model; Data = data; TrainerOptions = trainerOptions; Lock = runLock }
         with _ ->
             model.Dispose()
+            runLock.Release()
             reraise ()
 
     /// Pretrains a model as the options say, in OutputDirectory/Name (or the resumed run's folder): run.json, checkpoints,
@@ -520,9 +574,10 @@ module Run =
     let pretrain (options: RunOptions) (report: RunProgress -> unit) (cancellation: CancellationToken) : RunResult =
         let prepared = prepare options
         let runDirectory = prepared.RunDirectory
+        use runLock = prepared.Lock
         use model = prepared.Model
-        if prepared.ResumeFrom.IsNone then RunFile.write runDirectory options
         let onEvent, modelSaved, latest = reporter report options.Training.Epochs runDirectory
+        let onEvent = writeRunFileWhenStarted (fun () -> if prepared.ResumeFrom.IsNone then RunFile.write runDirectory options) onEvent
         let trained = Trainer.train prepared.TrainerOptions model prepared.Data prepared.ResumeFrom onEvent cancellation
         let modelDirectory =
             if trained.Steps = 0 then None

@@ -115,9 +115,9 @@ module Trainer =
         use storedOptions = JsonDocument.Parse stored.TrainingOptions
         let same (name: string) (label: string) (value: int) =
             match storedOptions.RootElement.TryGetProperty name with
-            | true, element when element.ValueKind = JsonValueKind.Number && element.GetInt32() <> value ->
-                Errors.fail "checkpoint '%s' was trained with %s %d, this run asks for %d: the data position would not carry over"
-                    directory label (element.GetInt32()) value
+            | true, element when not (element.ValueKind = JsonValueKind.Number && fst (element.TryGetInt32()) && element.GetInt32() = value) ->
+                Errors.fail "checkpoint '%s' was trained with %s %s, this run asks for %d: the data position would not carry over"
+                    directory label (element.GetRawText()) value
             | _ -> ()
         same "batch_size" "batch size" options.BatchSize
         same "context_length" "context length" options.ContextLength
