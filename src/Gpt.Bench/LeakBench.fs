@@ -32,8 +32,17 @@ module LeakBench =
           /// Resident memory after the warm-up and at the end, after a full garbage collection, in MB.
           RssAfterWarmupMb: float
           RssEndMb: float
-          /// (end - after warm-up) / after warm-up, in percent.
+          /// (end - after warm-up) / after warm-up, in percent. Includes the one-time settling of the allocator after the
+          /// warm-up (measured: 217 -> 257 MB by step 500, then 258.5 MB at step 2,000), so it is not a leak figure.
           RssGrowthPct: float
+          /// The step the slope is measured from: a quarter of the steps (N, with the slope up to 4N = Steps), not
+          /// before the warm-up ends.
+          SlopeStartStep: int
+          /// Resident memory at SlopeStartStep, after a full garbage collection, in MB.
+          RssAtSlopeStartMb: float
+          /// (end - at step N) / at step N, in percent, from step N to step 4N: what keeps growing after the settling.
+          /// A leak grows in proportion to the steps; settling does not.
+          RssSlopePct: float
           /// Live tensor handles of this thread (TorchSharp's DisposeScopeManager statistics).
           LiveTensorsAfterWarmup: int64
           LiveTensorsEnd: int64
@@ -53,7 +62,8 @@ module LeakBench =
 
     /// Trains the small model for `steps` steps (random tokens, AdamW), generating 8 tokens through the KV cache every
     /// generationInterval steps and evaluating every evaluationInterval steps; compares live tensors and resident
-    /// memory after `warmup` steps with the end.
+    /// memory after `warmup` steps with the end, and resident memory at step N = steps / 4 (at least the warm-up) with
+    /// step 4N = steps: the slope, which separates a leak from the allocator settling once.
     let run (steps: int) (warmup: int) (seed: int) : LeakResult =
         Errors.require (warmup >= 1) "warm-up steps must be at least 1, found %d" warmup
         Errors.require (steps > warmup) "steps (%d) must be more than the warm-up steps (%d)" steps warmup
@@ -72,6 +82,8 @@ module LeakBench =
         let mutable generations = 0
         let mutable evaluations = 0
         let mutable rssAfterWarmup = nan
+        let slopeStart = max warmup (steps / 4)
+        let mutable rssAtSlopeStart = nan
         let mutable liveAfterWarmup = 0L
         let mutable liveMax = 0L
         model.train ()
@@ -94,6 +106,7 @@ module LeakBench =
             if index = warmup then
                 rssAfterWarmup <- settledRssMb ()
                 liveAfterWarmup <- live ()
+            if index = slopeStart then rssAtSlopeStart <- settledRssMb ()
             if index >= warmup then liveMax <- max liveMax (live ())
         let rssEnd = settledRssMb ()
         let liveEnd = live ()
@@ -102,6 +115,9 @@ module LeakBench =
           RssAfterWarmupMb = rssAfterWarmup
           RssEndMb = rssEnd
           RssGrowthPct = 100.0 * (rssEnd - rssAfterWarmup) / rssAfterWarmup
+          SlopeStartStep = slopeStart
+          RssAtSlopeStartMb = rssAtSlopeStart
+          RssSlopePct = 100.0 * (rssEnd - rssAtSlopeStart) / rssAtSlopeStart
           LiveTensorsAfterWarmup = liveAfterWarmup
           LiveTensorsEnd = liveEnd
           LiveTensorsGrowth = liveEnd - liveAfterWarmup

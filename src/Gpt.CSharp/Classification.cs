@@ -146,11 +146,26 @@ public sealed class TextClassifier : IDisposable
 
     /// <summary>Loads a classifier folder (<c>config.json</c> + <c>model.safetensors</c>).</summary>
     /// <exception cref="GptException">Missing or bad files, or a folder that holds a language model.</exception>
-    public static TextClassifier Load(string directory) =>
-        new(ClassifierFiles.load(directory ?? throw new ArgumentNullException(nameof(directory))));
+    public static TextClassifier Load(string directory) => Load(directory, new ModelLoadOptions());
+
+    /// <summary>Loads a classifier folder with options (<see cref="ModelLoadOptions.AllowNonFinite"/>; the others do not
+    /// apply to a classifier folder).</summary>
+    /// <exception cref="GptException">Missing or bad files, non-finite weights (unless allowed), a language model's
+    /// folder; any other failure as the inner exception of one.</exception>
+    public static TextClassifier Load(string directory, ModelLoadOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(directory);
+        ArgumentNullException.ThrowIfNull(options);
+        var load = new Gpt.Weights.LoadOptions(options.AllowNonFinite);
+        return Facade.Guard(() => new TextClassifier(ClassifierFiles.loadFrom(load, null, directory)));
+    }
 
     /// <summary>Saves in the same layout, atomically.</summary>
-    public void Save(string directory) => ClassifierFiles.save(directory ?? throw new ArgumentNullException(nameof(directory)), Inner);
+    public void Save(string directory)
+    {
+        ArgumentNullException.ThrowIfNull(directory);
+        Facade.Guard(() => ClassifierFiles.save(directory, Inner));
+    }
 
     /// <summary>The labels in id order.</summary>
     public IReadOnlyList<string> Labels => Inner.Labels;
@@ -186,7 +201,8 @@ public sealed class TextClassifier : IDisposable
     public IReadOnlyList<ClassPrediction> ClassifyBatch(IEnumerable<string> texts, Tokenizer? tokenizer = null)
     {
         ArgumentNullException.ThrowIfNull(texts);
-        var predictions = FClassification.classify(Inner, (tokenizer ?? Tokenizer.Gpt2).Inner, texts.Select(t => t ?? throw new ArgumentNullException(nameof(texts))).ToArray());
+        var all = texts.Select(t => t ?? throw new ArgumentNullException(nameof(texts))).ToArray();
+        var predictions = Facade.Guard(() => FClassification.classify(Inner, (tokenizer ?? Tokenizer.Gpt2).Inner, all));
         return predictions.Select(p => new ClassPrediction(p.Text, p.Label, p.LabelId,
             Inner.Labels.Zip(p.Probabilities).ToDictionary(x => x.First, x => x.Second), p.Logits)).ToArray();
     }
@@ -207,7 +223,7 @@ public sealed class TextClassifier : IDisposable
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(options);
-        var r = FClassification.fineTune(options.ToFSharp(), Trainer.Reporter(progress), cancellationToken);
+        var r = Facade.Guard(() => FClassification.fineTune(options.ToFSharp(), Trainer.Reporter(progress), cancellationToken));
         return new ClassificationResult(Trainer.ToResult(r.Run), r.Labels, Options.ToNullable(r.TestAccuracy), Options.ToNullable(r.TestLoss),
             r.TrainExamples, r.ValidationExamples, r.TestExamples, r.TruncatedTexts);
     }

@@ -79,7 +79,7 @@ public sealed partial class GptModel
     {
         ArgumentNullException.ThrowIfNull(promptIds);
         var prompts = promptIds.Select(p => (p ?? throw new ArgumentNullException(nameof(promptIds))).ToArray()).ToArray();
-        var completions = Generator.generate(LanguageModel, (settings ?? new GenerationSettings()).ToFSharp(Inner), prompts);
+        var completions = Facade.Guard(() => Generator.generate(LanguageModel, (settings ?? new GenerationSettings()).ToFSharp(Inner), prompts));
         var tok = tokenizer ?? Tokenizer.Gpt2;
         return prompts.Zip(completions, (prompt, c) =>
             new GenerationResult(prompt, c.Tokens, tok.Decode(c.Tokens), c.StopReason.IsEndOfText)).ToArray();

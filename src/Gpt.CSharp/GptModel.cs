@@ -78,7 +78,14 @@ public sealed partial class GptModel : IDisposable
     public static GptModel Create(GptConfiguration configuration, long? seed = null)
     {
         ArgumentNullException.ThrowIfNull(configuration);
-        return new(new FGptModel(configuration.ToFSharp(), seed is { } s ? FSharpOption<long>.Some(s) : FSharpOption<long>.None));
+        return Facade.Guard(() =>
+        {
+            var config = configuration.ToFSharp();
+            GptConfigModule.validate(config);
+            // Before libtorch reserves memory it may not have: a model larger than memory is killed, not refused.
+            ModelMemory.require("model configuration", config);
+            return new GptModel(new FGptModel(config, seed is { } s ? FSharpOption<long>.Some(s) : FSharpOption<long>.None));
+        });
     }
 
     /// <summary>Loads a model: a folder in the Hugging Face GPT-2 layout (<c>config.json</c> + <c>model.safetensors</c>),
@@ -88,7 +95,11 @@ public sealed partial class GptModel : IDisposable
     public static GptModel Load(string source) => Load(source, (IProgress<ModelDownloadProgress>?)null);
 
     /// <summary>Saves in the Hugging Face GPT-2 layout, atomically (what was there is replaced only when all is written).</summary>
-    public void Save(string directory) => Pretrained.save(directory ?? throw new ArgumentNullException(nameof(directory)), Inner);
+    public void Save(string directory)
+    {
+        ArgumentNullException.ThrowIfNull(directory);
+        Facade.Guard(() => Pretrained.save(directory, Inner));
+    }
 
     /// <summary>The model's shape.</summary>
     public GptConfiguration Configuration => GptConfiguration.From(Inner.Config);
@@ -130,13 +141,16 @@ public sealed partial class GptModel : IDisposable
         var bad = sequences.FirstOrDefault(s => s.Length != length);
         if (bad is not null)
             throw new GptException($"sequences must have equal lengths: the first has {length} tokens, another has {bad.Length}");
-        using var scope = torch.NewDisposeScope();
-        using var ids = torch.tensor(sequences.SelectMany(s => s.Select(i => (long)i)).ToArray()).view(sequences.Count, length);
-        using var logits = Logits(ids);
-        var vocabulary = (int)logits.shape[2];
-        var flat = logits.cpu().contiguous().data<float>().ToArray(); // from the model's device
-        return Enumerable.Range(0, sequences.Count).Select(b =>
-            Enumerable.Range(0, length).Select(t => flat.AsSpan((b * length + t) * vocabulary, vocabulary).ToArray()).ToArray()).ToArray();
+        return Facade.Guard(() =>
+        {
+            using var scope = torch.NewDisposeScope();
+            using var ids = torch.tensor(sequences.SelectMany(s => s.Select(i => (long)i)).ToArray()).view(sequences.Count, length);
+            using var logits = Logits(ids);
+            var vocabulary = (int)logits.shape[2];
+            var flat = logits.cpu().contiguous().data<float>().ToArray(); // from the model's device
+            return Enumerable.Range(0, sequences.Count).Select(b =>
+                Enumerable.Range(0, length).Select(t => flat.AsSpan((b * length + t) * vocabulary, vocabulary).ToArray()).ToArray()).ToArray();
+        });
     }
 
     /// <summary>The book's greedy generation: the prompt cropped to the context length, then the most likely token

@@ -138,6 +138,10 @@ public sealed class InstructionModel : IDisposable
     public static InstructionModel LoadWithAdapter(string adapterDirectory, string? baseModel = null, PromptStyle style = PromptStyle.Alpaca) =>
         new(Adapter.LoadModel(adapterDirectory, baseModel), style);
 
+    /// <summary>Loads a model with options (for example <see cref="ModelLoadOptions.AllowNonFinite"/>) to answer in a
+    /// prompt style.</summary>
+    public static InstructionModel Load(string source, PromptStyle style, ModelLoadOptions options) => new(GptModel.Load(source, options), style);
+
     /// <summary>The prompt style.</summary>
     public PromptStyle Style { get; }
 
@@ -201,7 +205,7 @@ public sealed class InstructionModel : IDisposable
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(options);
-        var r = FInstruction.fineTune(options.ToFSharp(), Trainer.Reporter(progress), cancellationToken);
+        var r = Facade.Guard(() => FInstruction.fineTune(options.ToFSharp(), Trainer.Reporter(progress), cancellationToken));
         return new InstructionResult(Trainer.ToResult(r.Run), Options.ToObject(r.ResponsesFile), Options.ToNullable(r.ExactMatch),
             Options.ToNullable(r.TokenF1), r.TrainExamples, r.ValidationExamples, r.TestExamples);
     }

@@ -8,6 +8,24 @@ namespace Gpt;
 /// <see cref="TotalBytes"/> (when the server said); <see cref="Completed"/> once the file is checked and in the cache.</summary>
 public sealed record ModelDownloadProgress(string FileName, long BytesReceived, long? TotalBytes, bool Completed);
 
+/// <summary>How <see cref="GptModel.Load(string, ModelLoadOptions)"/> loads a model.</summary>
+public sealed record ModelLoadOptions
+{
+    /// <summary>Load weights that hold NaN or infinities. By default that is a <see cref="GptException"/> naming the
+    /// tensors (one NaN in a weight matrix quietly changes every output).</summary>
+    public bool AllowNonFinite { get; init; }
+
+    /// <summary>The configuration of a state dict file that carries none (the book's <c>.pth</c>); null: a
+    /// <c>config.json</c> beside it, else the shapes.</summary>
+    public GptConfiguration? Configuration { get; init; }
+
+    /// <summary>Receives download progress (from the downloading thread).</summary>
+    public IProgress<ModelDownloadProgress>? Progress { get; init; }
+
+    /// <summary>Stops a download; what was received is kept and resumed next time.</summary>
+    public CancellationToken CancellationToken { get; init; }
+}
+
 /// <summary>Where models come from: local folders and files, and Hugging Face ids.</summary>
 public sealed partial class GptModel
 {
@@ -24,7 +42,20 @@ public sealed partial class GptModel
     public static GptModel Load(string source, IProgress<ModelDownloadProgress>? progress, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(source);
-        return new(ModelSource.loadWith(Options(progress, null, cancellationToken), source));
+        return Load(source, new ModelLoadOptions { Progress = progress, CancellationToken = cancellationToken });
+    }
+
+    /// <summary>Loads a model from any source the other overloads take, with the options given (for example
+    /// <c>new ModelLoadOptions { AllowNonFinite = true }</c> to inspect a model whose weights hold NaN). Names, dtypes
+    /// and shapes are checked against the configuration before the model is built.</summary>
+    /// <exception cref="GptException">Missing or bad files, non-finite weights (unless allowed), an unknown id, a
+    /// failed download; any other failure (a file system or native error) as the inner exception of one.</exception>
+    public static GptModel Load(string source, ModelLoadOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        ArgumentNullException.ThrowIfNull(options);
+        return Facade.Guard(() => new GptModel(ModelSource.loadWith(
+            Options(options.Progress, options.Configuration, options.CancellationToken, options.AllowNonFinite), source)));
     }
 
     /// <summary>Loads a state dict file that carries no configuration (the book's <c>.pth</c>) with this one's sizes and
@@ -35,7 +66,7 @@ public sealed partial class GptModel
     {
         ArgumentNullException.ThrowIfNull(source);
         ArgumentNullException.ThrowIfNull(configuration);
-        return new(ModelSource.loadWith(Options(progress, configuration, cancellationToken), source));
+        return Load(source, new ModelLoadOptions { Configuration = configuration, Progress = progress, CancellationToken = cancellationToken });
     }
 
     /// <summary>A pretrained model by Hugging Face id, e.g. <c>GptModel.FromPretrained("gpt2")</c>: a local folder of that
@@ -52,7 +83,7 @@ public sealed partial class GptModel
     public static string Locate(string source, IProgress<ModelDownloadProgress>? progress = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(source);
-        return ModelSource.locate(Options(progress, null, cancellationToken), source);
+        return Facade.Guard(() => ModelSource.locate(Options(progress, null, cancellationToken, false), source));
     }
 
     /// <summary>What a source names, without reading weights or going online: <c>hugging-face-folder</c>,
@@ -64,15 +95,20 @@ public sealed partial class GptModel
     /// <summary>Reads a configuration file: a Hugging Face <c>config.json</c> or the book's <c>GPT_CONFIG</c> as JSON
     /// (<c>vocab_size</c>, <c>context_length</c>, <c>emb_dim</c>, <c>n_heads</c>, <c>n_layers</c>, ...).</summary>
     /// <exception cref="GptException">Missing file, bad JSON, missing or invalid sizes.</exception>
-    public static GptConfiguration ReadConfiguration(string path) =>
-        GptConfiguration.From(ModelSource.readConfigFile(path ?? throw new ArgumentNullException(nameof(path))));
+    public static GptConfiguration ReadConfiguration(string path)
+    {
+        ArgumentNullException.ThrowIfNull(path);
+        return Facade.Guard(() => GptConfiguration.From(ModelSource.readConfigFile(path)));
+    }
 
-    private static ModelSourceOptions Options(IProgress<ModelDownloadProgress>? progress, GptConfiguration? configuration, CancellationToken cancellationToken)
+    private static ModelSourceOptions Options(IProgress<ModelDownloadProgress>? progress, GptConfiguration? configuration,
+        CancellationToken cancellationToken, bool allowNonFinite)
     {
         var defaults = ModelSource.defaults();
         var report = FuncConvert.FromAction<DownloadProgress>(p =>
             progress?.Report(new ModelDownloadProgress(p.FileName, p.BytesReceived, p.TotalBytes is { } t ? t.Value : (long?)null, p.Completed)));
         return new ModelSourceOptions(defaults.Hub, report,
-            configuration is null ? FSharpOption<GptConfig>.None : FSharpOption<GptConfig>.Some(configuration.ToFSharp()), cancellationToken);
+            configuration is null ? FSharpOption<GptConfig>.None : FSharpOption<GptConfig>.Some(configuration.ToFSharp()), cancellationToken,
+            allowNonFinite);
     }
 }

@@ -180,7 +180,7 @@ public static class Trainer
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(options);
-        return ToResult(Run.pretrain(options.ToFSharp(), Reporter(progress), cancellationToken));
+        return Facade.Guard(() => ToResult(Run.pretrain(options.ToFSharp(), Reporter(progress), cancellationToken)));
     }
 
     /// <summary>Continues training <paramref name="model"/>, in memory, on the calling thread (see

@@ -15,9 +15,10 @@ internal static class ClassifyCommand
         var texts = new Option<string[]>("--text") { Description = "A text to classify; repeat for several. Without --text: JSON Lines {\"text\": ...} on standard input." };
         var format = Commands.FormatOption();
         var device = Commands.DeviceOption();
+        var allowNonFinite = Commands.AllowNonFiniteOption();
         var command = new Command("classify", "Label texts with a classifier. JSON output: one object per text {\"text\", \"label\", \"label_id\", \"probabilities\": {label: p}, \"logits\": [...]}.")
         {
-            modelPath, adapter, texts, device, format,
+            modelPath, adapter, texts, device, format, allowNonFinite,
         };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
@@ -27,7 +28,8 @@ internal static class ClassifyCommand
             GptRuntime.ResolveDevice(parse.GetValue(device)!); // before a model is read
             using var classifier = parse.GetValue(adapter) is { } adapterDirectory
                 ? Adapter.LoadClassifier(adapterDirectory, parse.GetValue(modelPath))
-                : TextClassifier.Load(parse.GetValue(modelPath) ?? throw new GptException("no classifier: pass --model (a classifier folder) or --adapter"));
+                : TextClassifier.Load(parse.GetValue(modelPath) ?? throw new GptException("no classifier: pass --model (a classifier folder) or --adapter"),
+                    new ModelLoadOptions { AllowNonFinite = parse.GetValue(allowNonFinite) });
             classifier.ToDevice(parse.GetValue(device)!);
             var json = parse.GetValue(format) == "json";
             foreach (var p in classifier.ClassifyBatch(inputs))
@@ -36,11 +38,11 @@ internal static class ClassifyCommand
                 {
                     var probabilities = new JsonObject();
                     foreach (var (label, probability) in p.Probabilities) probabilities[label] = probability;
-                    context.Output.WriteLine(new JsonObject
+                    context.Output.WriteLine(Json.Line(new JsonObject
                     {
                         ["text"] = p.Text, ["label"] = p.Label, ["label_id"] = p.LabelId, ["probabilities"] = probabilities,
                         ["logits"] = new JsonArray(p.Logits.Select(l => (JsonNode?)l).ToArray()),
-                    }.ToJsonString(Json.Options));
+                    }));
                 }
                 else
                     context.Output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{p.Label} ({p.Probabilities[p.Label]:P1})\t{RunDisplay.OneLine(p.Text)}"));

@@ -24,13 +24,29 @@ internal static partial class Commands
     }
 
     /// <summary>--device cpu|cuda|cuda:N|auto: where the model runs (checked by the core, before a model is read).</summary>
-    internal static Option<string> DeviceOption() =>
-        new("--device")
+    internal static Option<string> DeviceOption()
+    {
+        var option = new Option<string>("--device")
         {
             Description = "Where the model runs: cpu, cuda, cuda:N or auto (cuda when torch sees a GPU, else cpu). This build uses " +
                           "TorchSharp-cpu: cuda is an error that says how to make a CUDA build (-p:TorchBackend=cuda).",
             DefaultValueFactory = _ => "cpu",
         };
+        // A value that is no device at all is a usage error (exit 2); a device this build or machine does not have is
+        // found when the command runs (exit 1).
+        option.Validators.Add(result =>
+        {
+            try
+            {
+                Gpt.Model.DeviceModule.parse(result.GetValueOrDefault<string>());
+            }
+            catch (GptException e)
+            {
+                result.AddError($"--device: {e.Message}");
+            }
+        });
+        return option;
+    }
 
     /// <summary>--format text|json.</summary>
     internal static Option<string> FormatOption(string defaultFormat = "text")
@@ -40,11 +56,18 @@ internal static partial class Commands
         return format;
     }
 
+    /// <summary>--allow-nonfinite, for commands that load a model.</summary>
+    internal static Option<bool> AllowNonFiniteOption() => new("--allow-nonfinite")
+    {
+        Description = "Load the model even if its weights hold NaN or infinities (by default an error naming the tensors).",
+    };
+
     private static readonly JsonSerializerOptions Compact = new(Json.Options) { WriteIndented = false };
 
     /// <summary>Prints a result as one JSON line, or as "key: value" lines for people.</summary>
     internal static void Print(CliContext context, string format, JsonObject result)
     {
+        Json.Finite(result);
         if (format == "json")
         {
             context.Output.WriteLine(result.ToJsonString(Compact));

@@ -21,9 +21,10 @@ internal static class ConvertCommand
                           "the file, else the shapes (heads = width / 64, as in every GPT-2).",
         };
         var format = Commands.FormatOption();
+        var allowNonFinite = Commands.AllowNonFiniteOption();
         var command = new Command("convert",
             "Convert weights to the Hugging Face layout this tool (and transformers) reads: the book's .pth files, OpenAI's " +
-            "TensorFlow checkpoint, or a model from the Hugging Face hub.") { from, to, config, format };
+            "TensorFlow checkpoint, or a model from the Hugging Face hub.") { from, to, config, format, allowNonFinite };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
             var source = parse.GetValue(from)!;
@@ -34,9 +35,11 @@ internal static class ConvertCommand
                 var c => GptConfiguration.FromPreset(c),
             };
             var kind = GptModel.SourceKind(source);
-            using var model = configuration is null
-                ? GptModel.Load(source, DownloadProgressBar.For(context), context.Cancellation)
-                : GptModel.Load(source, configuration, DownloadProgressBar.For(context), context.Cancellation);
+            using var model = GptModel.Load(source, new ModelLoadOptions
+            {
+                Configuration = configuration, Progress = DownloadProgressBar.For(context), CancellationToken = context.Cancellation,
+                AllowNonFinite = parse.GetValue(allowNonFinite),
+            });
             var directory = parse.GetValue(to)!;
             model.Save(directory);
             var result = ModelCommands.Describe(model);

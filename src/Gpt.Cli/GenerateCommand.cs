@@ -18,11 +18,12 @@ internal static class GenerateCommand
         var stream = new Option<bool>("--stream") { Description = "Stream text as it is generated (the default for text output)." };
         var noStream = new Option<bool>("--no-stream") { Description = "Print the text only when generation is done." };
         var format = Commands.FormatOption();
+        var allowNonFinite = Commands.AllowNonFiniteOption();
         var device = Commands.DeviceOption();
         var command = new Command("generate", "Generate text from a model (greedy by default; temperature, top-k, top-p sampling). " +
                                               "JSON output: one object per prompt {\"ids\": [prompt ids then new ids], \"text\": ...}.")
         {
-            modelPath, adapter, prompts, ids, stream, noStream, device, format,
+            modelPath, adapter, prompts, ids, stream, noStream, device, format, allowNonFinite,
         };
         generation.AddTo(command);
         command.SetAction(parse => CliApp.Guard(context, () =>
@@ -36,7 +37,7 @@ internal static class GenerateCommand
             var promptIds = textPrompts.Length > 0
                 ? textPrompts.Select(p => (IReadOnlyList<int>)tokenizer.Encode(p)).ToList()
                 : idPrompts.Select((s, i) => (IReadOnlyList<int>)ModelCommands.ParseIdList(s, $"--ids #{i + 1}")).ToList();
-            using var model = ModelCommands.LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter), parse.GetValue(device)!);
+            using var model = ModelCommands.LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter), parse.GetValue(allowNonFinite), parse.GetValue(device)!);
             var json = parse.GetValue(format) == "json";
             var streaming = !json && !parse.GetValue(noStream) && promptIds.Count == 1 && textPrompts.Length == 1;
             if (streaming)

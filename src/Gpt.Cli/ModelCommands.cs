@@ -123,11 +123,12 @@ internal static class ModelCommands
         var modelPath = ModelOption();
         var format = Commands.FormatOption();
         var adapter = AdapterOption();
+        var allowNonFinite = Commands.AllowNonFiniteOption();
         var device = Commands.DeviceOption();
-        var command = new Command("info", "Print a model's configuration, parameter count and memory.") { modelPath, adapter, device, format };
+        var command = new Command("info", "Print a model's configuration, parameter count and memory.") { modelPath, adapter, device, format, allowNonFinite };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
-            using var model = LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter), parse.GetValue(device)!);
+            using var model = LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter), parse.GetValue(allowNonFinite), parse.GetValue(device)!);
             var description = Describe(model);
             description["device"] = model.Device;
             Commands.Print(context, parse.GetValue(format)!, description);
@@ -145,30 +146,59 @@ internal static class ModelCommands
             Required = true, AllowMultipleArgumentsPerToken = false,
         };
         var adapter = AdapterOption();
+        var format = Commands.FormatOption("json");
+        format.Description = "json: {\"logits\": [[[...]]]} with NaN and infinities as null (JSON has no word for them); " +
+                             "text: each position's five largest logits, for people.";
+        var allowNonFinite = Commands.AllowNonFiniteOption();
         var device = Commands.DeviceOption();
-        var command = new Command("logits", "Print the logits {\"logits\": [[[...]]]} of shape [batch, length, vocabulary], for cross-checking against other implementations.") { modelPath, adapter, ids, device };
+        var command = new Command("logits", "Print the logits {\"logits\": [[[...]]]} of shape [batch, length, vocabulary], for cross-checking against other implementations.")
+        {
+            modelPath, adapter, ids, device, format, allowNonFinite,
+        };
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
             var sequences = parse.GetValue(ids)!.Select((s, i) => ParseIdList(s, $"--ids #{i + 1}")).ToList();
-            using var model = LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter), parse.GetValue(device)!);
+            using var model = LoadModel(context, parse.GetValue(modelPath), parse.GetValue(adapter), parse.GetValue(allowNonFinite), parse.GetValue(device)!);
             var logits = model.Logits(sequences);
-            var writer = context.Output;
-            writer.Write("{\"logits\": [");
-            for (var b = 0; b < logits.Length; b++)
-            {
-                writer.Write(b == 0 ? "[" : ", [");
-                for (var t = 0; t < logits[b].Length; t++)
-                {
-                    writer.Write(t == 0 ? "[" : ", [");
-                    writer.Write(string.Join(", ", logits[b][t].Select(v => v.ToString("R", CultureInfo.InvariantCulture))));
-                    writer.Write("]");
-                }
-                writer.Write("]");
-            }
-            writer.WriteLine("]}");
+            if (parse.GetValue(format) == "text") PrintTopLogits(context.Output, sequences, logits);
+            else PrintLogitsJson(context.Output, logits);
             return 0;
         }));
         return command;
+    }
+
+    /// <summary>{"logits": [[[...]]]}, written as it goes (a batch of long sequences is large), non-finite values as null.</summary>
+    private static void PrintLogitsJson(TextWriter writer, float[][][] logits)
+    {
+        writer.Write("{\"logits\": [");
+        for (var b = 0; b < logits.Length; b++)
+        {
+            writer.Write(b == 0 ? "[" : ", [");
+            for (var t = 0; t < logits[b].Length; t++)
+            {
+                writer.Write(t == 0 ? "[" : ", [");
+                writer.Write(string.Join(", ", logits[b][t].Select(v => float.IsFinite(v) ? v.ToString("R", CultureInfo.InvariantCulture) : "null")));
+                writer.Write("]");
+            }
+            writer.Write("]");
+        }
+        writer.WriteLine("]}");
+    }
+
+    /// <summary>For people: per sequence and position, the input id and the five largest logits (id=logit), with how
+    /// many values are NaN or infinite when there are any.</summary>
+    private static void PrintTopLogits(TextWriter writer, IReadOnlyList<int[]> sequences, float[][][] logits)
+    {
+        for (var b = 0; b < logits.Length; b++)
+            for (var t = 0; t < logits[b].Length; t++)
+            {
+                var row = logits[b][t];
+                var top = row.Select((v, id) => (v, id)).Where(x => !float.IsNaN(x.v)).OrderByDescending(x => x.v).Take(5)
+                    .Select(x => string.Create(CultureInfo.InvariantCulture, $"{x.id}={x.v:0.####}"));
+                var nonFinite = row.Count(v => !float.IsFinite(v));
+                var note = nonFinite > 0 ? $"  ({nonFinite} of {row.Length} not finite)" : "";
+                writer.WriteLine($"sequence {b + 1}, position {t + 1} (id {sequences[b][t]}): {string.Join("  ", top)}{note}");
+            }
     }
 
     internal static Option<string?> ModelOption() =>
@@ -179,7 +209,7 @@ internal static class ModelCommands
                           "Required, unless --adapter names its base.",
         };
 
-    /// <summary><c>--adapter</c>: a LoRA adapter folder merged into the model on loading.</summary>
+    /// <summary><c>--adapter</c>: a LoRA adapter folder applied to the model on loading.</summary>
     internal static Option<string?> AdapterOption() =>
         new("--adapter")
         {
@@ -187,15 +217,17 @@ internal static class ModelCommands
                           "(default: the base the adapter names); gpt merge writes the two as one model.",
         };
 
-    /// <summary>Loads any model source, showing downloads on standard error; with an adapter, merged.</summary>
-    /// <summary>Loads any model source, showing downloads on standard error; with an adapter, merged; then on
+    /// <summary>Loads any model source, showing downloads on standard error; with an adapter, applied to it; then on
     /// <paramref name="device"/> (checked first, so that a device that is not there fails before a model is read).</summary>
-    internal static GptModel LoadModel(CliContext context, string? source, string? adapter = null, string device = "cpu")
+    internal static GptModel LoadModel(CliContext context, string? source, string? adapter = null, bool allowNonFinite = false, string device = "cpu")
     {
         GptRuntime.ResolveDevice(device);
         if (adapter is not null) return Adapter.LoadModel(adapter, source).ToDevice(device);
         if (source is null) throw new GptException("no model: pass --model (a folder, a .pth file or a Hugging Face id)");
-        return GptModel.Load(source, DownloadProgressBar.For(context), context.Cancellation).ToDevice(device);
+        return GptModel.Load(source, new ModelLoadOptions
+        {
+            Progress = DownloadProgressBar.For(context), CancellationToken = context.Cancellation, AllowNonFinite = allowNonFinite,
+        }).ToDevice(device);
     }
 
     /// <summary>"1,2,3" (or "[1, 2, 3]") to ids, with a clear error.</summary>

@@ -17,12 +17,13 @@ internal static class RespondCommand
         style.AcceptOnlyFromAmong("alpaca", "phi3");
         var generation = new GenerationOptions(256);
         var format = Commands.FormatOption();
+        var allowNonFinite = Commands.AllowNonFiniteOption();
         var device = Commands.DeviceOption();
         var command = new Command("respond",
             "Answer an instruction with an instruction-tuned model (book chapter 7): the prompt formatted as in training, generation " +
             "stopping at end-of-text, the text after the response marker. JSON output: {\"instruction\", \"input\", \"response\"} per entry.")
         {
-            modelPath, adapter, instruction, input, style, device, format,
+            modelPath, adapter, instruction, input, style, device, format, allowNonFinite,
         };
         generation.AddTo(command);
         command.SetAction(parse => CliApp.Guard(context, () =>
@@ -35,7 +36,8 @@ internal static class RespondCommand
             GptRuntime.ResolveDevice(parse.GetValue(device)!); // before a model is read
             using var model = parse.GetValue(adapter) is { } adapterDirectory
                 ? InstructionModel.LoadWithAdapter(adapterDirectory, parse.GetValue(modelPath), promptStyle)
-                : InstructionModel.Load(parse.GetValue(modelPath) ?? throw new GptException("no model: pass --model or --adapter"), promptStyle);
+                : InstructionModel.Load(parse.GetValue(modelPath) ?? throw new GptException("no model: pass --model or --adapter"), promptStyle,
+                    new ModelLoadOptions { AllowNonFinite = parse.GetValue(allowNonFinite) });
             model.Model.ToDevice(parse.GetValue(device)!);
             var settings = generation.Read(parse);
             foreach (var entry in entries)

@@ -17,6 +17,7 @@ internal static class TrainCommand
         init.AcceptOnlyFromAmong("gpt2", "torch");
         var initFrom = new Option<string?>("--init-from") { Description = "Continue pretraining a model: a folder in the Hugging Face layout, a .pth file, OpenAI's checkpoint folder or a Hugging Face id." };
         var resume = run.Resume;
+        var torchrun = new TorchrunCliOptions();
 
         var command = new Command("train",
             "Pretrain a GPT model (book chapter 5). With no options: a small GPT-2 on the built-in story, a few minutes on two " +
@@ -27,6 +28,7 @@ internal static class TrainCommand
         };
         run.AddTo(command);
         config.AddTo(command);
+        torchrun.AddTo(command);
 
         command.SetAction(parse => CliApp.Guard(context, () =>
         {
@@ -61,9 +63,16 @@ internal static class TrainCommand
                 SamplePrompt = Given(samplePrompt) ? RunDisplay.NullIfEmpty(parse.GetValue(samplePrompt)) : options.SamplePrompt,
                 SampleTokens = Given(sampleTokens) ? parse.GetValue(sampleTokens) : options.SampleTokens,
             };
+            string Try(string model) => CommandHints.Gpt($"generate --model {CommandHints.Quote(model)} --prompt \"Every effort moves you\"");
+            if (torchrun.Read(parse) is { } settings)
+            {
+                if (parse.GetValue(torchrun.DryRun))
+                    return TorchrunCliOptions.PrintDryRun(context, run.Json(parse), settings, Torchrun.Prepare(options, settings));
+                return RunDisplay.Run(context, run.Json(parse), options.EvalInterval, TorchrunCliOptions.ResumeCommand(settings), (progress, token) =>
+                    new RunOutcome(Torchrun.Train(options, settings, progress, context.Error.WriteLine, token), [], [], Try));
+            }
             return RunDisplay.Run(context, run.Json(parse), options.EvalInterval, "train", (progress, token) =>
-                new RunOutcome(Trainer.Train(options, progress, token), [], [],
-                    model => CommandHints.Gpt($"generate --model {CommandHints.Quote(model)} --prompt \"Every effort moves you\"")));
+                new RunOutcome(Trainer.Train(options, progress, token), [], [], Try));
         }));
         return command;
     }

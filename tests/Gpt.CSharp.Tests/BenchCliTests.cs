@@ -65,7 +65,8 @@ public class BenchCliTests
         var (code, output, error) = Cli.Run(null, "bench", "leak", "--steps", "12", "--warmup", "2", "--format", "json");
         Assert.True(code == 0, error);
         var leak = Object(output.Trim());
-        HasNumbers(leak, "rss_growth_pct", "live_tensors_growth", "rss_after_warmup_mb", "rss_end_mb");
+        HasNumbers(leak, "rss_slope_pct", "rss_growth_pct", "live_tensors_growth", "rss_after_warmup_mb", "rss_at_slope_start_mb", "rss_end_mb");
+        Assert.Equal(3, leak.GetProperty("slope_from_step").GetInt32()); // 12 / 4, past the warm-up of 2
         Assert.Equal(1, leak.GetProperty("generations").GetInt32());
 
         var (allCode, allOutput, allError) = Cli.Run(null, "bench", "all", "--quick", "--only", "machine,leak");
@@ -74,7 +75,7 @@ public class BenchCliTests
         Assert.Equal(new[] { "machine", "leak", "goals" }, lines.Select(l => l.GetProperty("part").GetString()).ToArray());
         HasNumbers(lines[0], "matmul_gflops", "bandwidth_gbps");
         var goals = lines[2].GetProperty("goals").EnumerateArray().Select(g => g.GetProperty("what").GetString()).ToList();
-        Assert.Equal(new[] { "leak: RSS growth (%)", "leak: live tensors growth" }, goals.ToArray());
+        Assert.Equal(new[] { "leak: RSS slope, step N to 4N (%)", "leak: live tensors growth" }, goals.ToArray());
         Assert.True(lines[2].GetProperty("quick").GetBoolean());
         // Hosted by the test runner, the parts run in this process.
         Assert.Equal("shared", lines[0].GetProperty("process").GetString());

@@ -77,7 +77,8 @@ public class DeviceTests
             Assert.DoesNotContain("   at ", error); // no stack trace
         }
         (code, _, error) = Cli.Run(null, "generate", "--model", model, "--ids", "1,2", "--device", "cuda:x");
-        Assert.Equal(1, code);
+        Assert.Equal(2, code); // a usage error: no device at all
+        Assert.Contains("Run 'gpt generate --help' for usage.", error);
         Assert.Contains("device 'cuda:x': expected a GPU number after 'cuda:', such as cuda:0, found 'x'", error);
 
         using var folder = new TempFolder();

@@ -115,7 +115,7 @@ public class ScriptTests
         Assert.Contains("1100 entries, e.g.:", output);
         Assert.Contains("### Response:", output);
         Assert.Contains("-100 targets per row: [|2L; 1L; 0L|]", output);
-        Assert.Contains("wrote checkpoints, loss.png, metrics.jsonl, model, run.json, test-responses.json", output);
+        Assert.Contains("wrote checkpoints, loss.png, metrics.jsonl, model, run.json, run.lock, test-responses.json", output);
         Assert.Contains("on 55 test entries", output);
     }
 

@@ -91,15 +91,18 @@ let tests =
             File.WriteAllText(Path.Combine(damaged, "checkpoint.json"), File.ReadAllText(Path.Combine(good, "checkpoint.json")).Replace("\"step\": 2", "\"step\": 6"))
             File.WriteAllBytes(Path.Combine(damaged, "model.safetensors"), bytes[.. bytes.Length - 10])
             Expect.equal (Checkpoint.latest dir.Path) (Some good) "latest skips the unfinished and the truncated"
-            Expect.equal (Checkpoint.resolve dir.Path) good "resolve a root"
+            // Issue 16: resuming silently from an older checkpoint than the latest is refused; the error names the damaged
+            // one and offers the previous good one.
+            throwsGpt [ "the latest checkpoint"; "step-00000006' is damaged"; "model.safetensors has"; sprintf "--resume %s" good ]
+                (fun () -> Checkpoint.resolve dir.Path |> ignore) "resolve a root with a damaged latest checkpoint"
             throwsGpt [ "step-00000006"; "model.safetensors has"; "(truncated or replaced?)" ]
                 (fun () -> Checkpoint.restore damaged model optimizer |> ignore) "the damaged one is refused clearly"
             throwsGpt [ "is not a complete checkpoint"; "checkpoint.json is missing" ]
                 (fun () -> Checkpoint.read killed |> ignore) "the unfinished one is refused clearly"
             use other = new BigramModel(alphabet.Length, 4, 0.1)
             use otherOptimizer = Optimizer.adamW Optimizer.defaults other
-            Checkpoint.restore (Checkpoint.resolve dir.Path) other otherOptimizer |> ignore
-            Expect.isTrue (sameWeights model other) "the previous checkpoint loads"
+            Checkpoint.restore (Checkpoint.resolve good) other otherOptimizer |> ignore
+            Expect.isTrue (sameWeights model other) "the previous checkpoint loads (named explicitly)"
             // The next save clears the leftover temporary directory.
             Checkpoint.save dir.Path 3 model optimizer (state 8 None) |> ignore
             Expect.isFalse (Directory.Exists killed) "leftover removed"

@@ -311,8 +311,8 @@ module Classification =
         ClassificationOptions.validate options
         let tokenizer = Tokenizers.gpt2 ()
         let ((train, _, _) as splits), dataLabels = texts options
-        let resumed = options.Training.ResumeFrom |> Option.map (Run.resumedDirectory options.Training)
-        let runDirectory = resumed |> Option.map snd |> Option.defaultWith (fun () -> Run.freshDirectory options.Training)
+        let runDirectory, resumed, runLock = Run.lockedDirectory options.Training
+        use runLock = runLock
         use classifier = startingClassifier options dataLabels
         // LoRA: adapters on the frozen body, the head trained in full; otherwise the trainable set.
         let trainableParameters =
@@ -338,8 +338,8 @@ module Classification =
               Tokenizer = tokenizer.Name
               ModelConfiguration = ClassifierFiles.configJson config }
         TrainerOptions.validate trainerOptions
-        if resumed.IsNone then writeRunFile runDirectory options
         let onEvent, modelSaved, latest = Run.reporter report options.Training.Epochs runDirectory
+        let onEvent = Run.writeRunFileWhenStarted (fun () -> if resumed.IsNone then writeRunFile runDirectory options) onEvent
         let trained = Trainer.fit trainerOptions task (resumed |> Option.map fst) onEvent cancellation
         let modelDirectory =
             if trained.Steps = 0 then None

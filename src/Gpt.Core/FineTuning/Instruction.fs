@@ -222,8 +222,8 @@ module Instruction =
         InstructionOptions.validate options
         let tokenizer = Tokenizers.gpt2 ()
         let train, validation, test = entries options
-        let resumed = options.Training.ResumeFrom |> Option.map (Run.resumedDirectory options.Training)
-        let runDirectory = resumed |> Option.map snd |> Option.defaultWith (fun () -> Run.freshDirectory options.Training)
+        let runDirectory, resumed, runLock = Run.lockedDirectory options.Training
+        use runLock = runLock
         use model = startingModel options resumed
         Run.attachAdapters options.Training model
         Device.place options.Training.Device model |> ignore // before the trainable parameters are listed
@@ -245,8 +245,8 @@ module Instruction =
               Tokenizer = tokenizer.Name
               ModelConfiguration = Pretrained.configJson model.Config }
         TrainerOptions.validate trainerOptions
-        if resumed.IsNone then writeRunFile runDirectory options
         let onEvent, modelSaved, latest = Run.reporter report options.Training.Epochs runDirectory
+        let onEvent = Run.writeRunFileWhenStarted (fun () -> if resumed.IsNone then writeRunFile runDirectory options) onEvent
         let trained = Trainer.fit trainerOptions task (resumed |> Option.map fst) onEvent cancellation
         let modelDirectory, (responsesFile, responses) =
             if trained.Steps = 0 then None, (None, [])

@@ -29,11 +29,28 @@ module Sampling =
         logits.shape[int (logits.dim ()) - 1]
 
     /// logits / temperature: below 1 sharpens the distribution, above 1 flattens it. Temperature must be > 0
-    /// (temperature 0 is greedy decoding: see `nextToken`).
+    /// (temperature 0 is greedy decoding: see `nextToken`). Any positive temperature works: a tiny one gives the
+    /// greedy choice (ties shared), not NaN.
     let scaleTemperature (temperature: float) (logits: torch.Tensor) : torch.Tensor =
         if not (temperature > 0.0) || Double.IsInfinity temperature then
             Errors.fail "temperature scaling needs a finite temperature > 0, found %g (use greedy decoding for 0)" temperature
-        logits / temperature
+        let scaled = logits / temperature
+        // A tiny temperature overflows float32 (1e-300 even rounds to 0 in it): the largest logits become +inf and
+        // softmax gives NaN. Shifted by each row's maximum first, in float64, the maximum becomes 0 and the others
+        // large negative numbers or -inf: a one-hot distribution. Ordinary temperatures keep the plain division.
+        let overflowed =
+            use top = scaled.max()
+            use top64 = top.to_type(torch.float64)
+            let value = top64.item<float> ()
+            Double.IsNaN value || Double.IsPositiveInfinity value
+        if not overflowed then scaled
+        else
+            scaled.Dispose()
+            use scope = torch.NewDisposeScope()
+            let wide = logits.to_type(torch.float64)
+            let struct (rowMaximum, _) = wide.max(-1L, keepdim = true)
+            let shifted = ((wide - rowMaximum) / temperature).to_type(logits.dtype)
+            shifted.MoveToOuterDisposeScope()
 
     /// Keeps the k largest logits of each row and sets the others to -infinity. Exactly k survive, even with ties
     /// (the book's threshold test keeps every tie of the k-th value); a k at or above the vocabulary size

@@ -61,6 +61,13 @@ module GptConfig =
         | "gpt2-xl" -> gpt2Xl
         | _ -> Errors.fail "unknown model configuration '%s': expected one of %s" name (String.concat ", " presetNames)
 
+    // Limits against corrupt or hostile configurations (a config.json with n_layer 1,000,000 exhausted memory in
+    // native code before any check); a real model is far inside them.
+    let maxVocabSize = 1 <<< 20
+    let maxContextLength = 1 <<< 20
+    let maxEmbeddingDim = 1 <<< 16
+    let maxLayers = 1024
+
     /// Raises a GptException naming the first thing wrong with the configuration.
     let validate (config: GptConfig) =
         let positive (value: int) (what: string) = Errors.require (value > 0) "%s must be positive, found %d" what value
@@ -69,6 +76,12 @@ module GptConfig =
         positive config.EmbeddingDim "embedding dimension"
         positive config.Heads "number of heads"
         positive config.Layers "number of layers"
+        let atMost (value: int) (limit: int) (what: string) =
+            Errors.require (value <= limit) "%s %d exceeds this library's limit of %d" what value limit
+        atMost config.VocabSize maxVocabSize "vocabulary size"
+        atMost config.ContextLength maxContextLength "context length"
+        atMost config.EmbeddingDim maxEmbeddingDim "embedding dimension"
+        atMost config.Layers maxLayers "number of layers"
         Errors.require (config.EmbeddingDim % config.Heads = 0)
             "embedding dimension %d is not divisible by %d heads" config.EmbeddingDim config.Heads
         Errors.require (config.DropRate >= 0.0 && config.DropRate < 1.0)

@@ -55,7 +55,19 @@ module GptConfig =
     /// A preset by name: "gpt2-small" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" (case-insensitive).
     val byName: name: string -> GptConfig
 
-    /// Raises a GptException naming the first thing wrong with the configuration.
+    /// Upper bounds validate enforces, far above any real GPT-2-class model and far below what would make a
+    /// corrupt or hostile config.json allocate without end: vocabulary and context at most 2^20 (1,048,576),
+    /// embedding dimension at most 2^16 (65,536), at most 1,024 layers.
+    val maxVocabSize: int
+
+    val maxContextLength: int
+
+    val maxEmbeddingDim: int
+
+    val maxLayers: int
+
+    /// Raises a GptException naming the first thing wrong with the configuration (sizes positive and within the
+    /// limits above, heads dividing the embedding dimension, dropout in [0, 1), a finite positive epsilon).
     val validate: config: GptConfig -> unit
 
     /// The fields two configurations disagree on, as "layers (the run has 4, asked for 2)" for owner "the run".

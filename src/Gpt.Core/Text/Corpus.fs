@@ -27,7 +27,9 @@ module Corpus =
     /// and the byte offset.
     let readFile (path: string) : Document =
         let bytes =
-            try File.ReadAllBytes path
+            // Nothing to read in an empty file; and a FIFO or a device (/dev/zero) reports no size either: reading one
+            // would wait for a writer forever or never end.
+            try (if FileInfo(path).Length = 0L && File.Exists path then [||] else File.ReadAllBytes path)
             with
             | :? FileNotFoundException
             | :? DirectoryNotFoundException -> Errors.fail "file '%s' does not exist" path

@@ -287,7 +287,7 @@ module RunFile =
         if not (File.Exists path) then none
         else
             try
-                let json = JsonNode.Parse(File.ReadAllText path)
+                let json = JsonNode.Parse(BoundedFile.readText "run file" BoundedFile.defaultLimit path)
                 let text (key: string) = match json[key] with null -> None | node -> Some(node.GetValue<string>())
                 let path (key: string) = text key |> Option.filter (fun value -> value <> inMemory)
                 { Data = path "data"
@@ -337,9 +337,19 @@ module RunOptions =
         | root when Path.GetFileName root = "checkpoints" -> Path.GetDirectoryName root
         | root -> root
 
+    /// The run folder a resume path names, found without reading any checkpoint (what resolving it and runDirectoryOf
+    /// give): a run folder, its checkpoints folder, or a checkpoint in it. None when the path is not a folder.
+    let runDirectoryOfPath (resume: string) =
+        if String.IsNullOrWhiteSpace resume || not (Directory.Exists resume) then None
+        elif File.Exists(Path.Combine(resume, Checkpoint.stateFile)) then Some(runDirectoryOf resume)
+        elif Directory.Exists(Path.Combine(resume, "checkpoints")) then Some(Path.GetFullPath(resume).TrimEnd(Path.DirectorySeparatorChar))
+        else Some(runDirectoryOf (Path.Combine(resume, "step-00000000")))
+
     /// The options a run was trained with, read back from its folder or a checkpoint, with ResumeFrom = path: change
-    /// MaxSteps or Epochs to extend it. Texts given in memory are not on disk: set Texts to them again.
+    /// MaxSteps or Epochs to extend it. Texts given in memory are not on disk: set Texts to them again. A folder
+    /// another run holds (see RunLock) is refused first: that run may be pruning the very checkpoint this would read.
     let fromCheckpoint (path: string) : RunOptions =
+        runDirectoryOfPath path |> Option.iter RunLock.requireFree
         let directory = Checkpoint.resolve path
         let state = Checkpoint.read directory
         let stored = TrainerOptions.ofJson state.TrainingOptions
@@ -389,6 +399,20 @@ module RunOptions =
         | _, Some _, ModelInitialization.TorchDefaults -> Errors.fail "--init-from brings its own weights: --init does not apply"
         | _ -> ()
         options.Model |> Option.iter GptConfig.validate
+
+/// A run ready for its first step (Run.prepare): what every engine that trains it starts from.
+type PreparedRun =
+    { RunDirectory: string
+      /// The checkpoint a resumed run continues from.
+      ResumeFrom: string option
+      /// The model to train (a resumed run's as its checkpoint holds it); the caller disposes it when OwnsModel.
+      Model: GptModel
+      /// False when Model is the one given in memory (RunOptions.InitModel): it is the caller's, never disposed by a run.
+      OwnsModel: bool
+      Data: TrainingData
+      TrainerOptions: TrainerOptions
+      /// The run folder's lock (see RunLock); the caller releases it when the run is over.
+      Lock: RunLock }
 
 /// Pretraining runs (book ch. 5): a folder, a model, the data, the trainer, the final model.
 [<RequireQualifiedAccess>]
@@ -440,15 +464,44 @@ module Run =
             Errors.fail "'%s' already holds a run: resume it (--resume %s) or choose another name" runDirectory runDirectory
         runDirectory
 
+    /// The run's folder, locked (see RunLock), and for a resume the checkpoint it continues from and the folder. A
+    /// resumed run's folder is locked before any checkpoint is read: a second writer fails on the lock, naming the
+    /// first, and never on a checkpoint the first is pruning meanwhile.
+    let lockedDirectory (settings: TrainingSettings) : string * (string * string) option * RunLock =
+        match settings.ResumeFrom with
+        | Some resume ->
+            match RunOptions.runDirectoryOfPath resume with
+            | None ->
+                // resumedDirectory says what is wrong with the path.
+                let checkpoint, runDirectory = resumedDirectory settings resume
+                let runLock = RunLock.acquire runDirectory
+                runDirectory, Some(checkpoint, runDirectory), runLock
+            | Some expected ->
+                let runLock = RunLock.acquire expected
+                try
+                    let checkpoint, runDirectory = resumedDirectory settings resume
+                    if runDirectory <> runLock.Directory then
+                        Errors.fail "the checkpoint '%s' belongs to the run folder '%s', not '%s'" checkpoint runDirectory runLock.Directory
+                    runDirectory, Some(checkpoint, runDirectory), runLock
+                with _ ->
+                    runLock.Release()
+                    reraise ()
+        | None ->
+            let runDirectory = freshDirectory settings
+            runDirectory, None, RunLock.acquire runDirectory
+
     /// The model a new run starts from, and whether the run owns it (disposes it): the one given in memory (not
-    /// owned), a pretrained one, or a fresh one.
+    /// owned), a pretrained one, or a fresh one (its size checked against memory first).
     let private startingModel (options: RunOptions) : GptModel * bool =
         let config = options.Model |> Option.defaultValue RunOptions.defaultModel
         match options.InitModel, options.InitFrom, options.Initialization with
         | Some model, _, _ -> model, false
         | None, Some init, _ -> ModelSource.load init, true
-        | None, None, ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed), true
-        | None, None, ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed), true
+        | None, None, initialization ->
+            ModelMemory.require "the run's model" config
+            match initialization with
+            | ModelInitialization.TorchDefaults -> GptModel.WithTorchDefaults(config, int64 options.Training.Seed), true
+            | ModelInitialization.Gpt2 -> new GptModel(config, int64 options.Training.Seed), true
 
     /// A resumed run's data must be where it was: texts that were given in memory are not on disk, so they must be
     /// given again, and be the same.
@@ -460,23 +513,26 @@ module Run =
             Errors.fail "run '%s' was trained on other texts than those given (SHA-256 %s, given %s): resume it with the same texts" runDirectory digest (RunFile.textsDigest texts)
         | _ -> ()
 
-    /// The run folder and the model a run starts from, and whether the run owns that model: a checkpoint's (resume; a
-    /// LoRA checkpoint holds only the adapters, so its base is rebuilt as it started), one given in memory, a
-    /// pretrained one, or a fresh one.
-    let private prepareModel (options: RunOptions) : string * string option * GptModel * bool =
-        match options.Training.ResumeFrom with
-        | Some resume ->
-            let checkpoint, runDirectory = resumedDirectory options.Training resume
-            checkResumedTexts runDirectory options
-            let model, owned = if Checkpoint.holdsWholeModel checkpoint then Checkpoint.loadGpt checkpoint, true else startingModel options
-            checkShape "--resume" "the run" options (model, owned)
-            runDirectory, Some checkpoint, model, owned
-        | None ->
-            let runDirectory = freshDirectory options.Training
-            let model, owned = startingModel options
-            if options.InitFrom.IsSome then checkShape "--init-from" "the model" options (model, owned)
-            if options.InitModel.IsSome then checkShape "the model given in memory" "the model" options (model, owned)
-            runDirectory, None, model, owned
+    /// The run folder (locked: see RunLock) and the model a run starts from, and whether the run owns that model: a
+    /// checkpoint's (resume; a LoRA checkpoint holds only the adapters, so its base is rebuilt as it started), one
+    /// given in memory, a pretrained one, or a fresh one.
+    let private prepareModel (options: RunOptions) : string * string option * GptModel * bool * RunLock =
+        let runDirectory, resumed, runLock = lockedDirectory options.Training
+        try
+            match resumed with
+            | Some(checkpoint, _) ->
+                checkResumedTexts runDirectory options
+                let model, owned = if Checkpoint.holdsWholeModel checkpoint then Checkpoint.loadGpt checkpoint, true else startingModel options
+                checkShape "--resume" "the run" options (model, owned)
+                runDirectory, Some checkpoint, model, owned, runLock
+            | None ->
+                let model, owned = startingModel options
+                if options.InitFrom.IsSome then checkShape "--init-from" "the model" options (model, owned)
+                if options.InitModel.IsSome then checkShape "the model given in memory" "the model" options (model, owned)
+                runDirectory, None, model, owned, runLock
+        with _ ->
+            runLock.Release()
+            reraise ()
 
     /// Attaches a run's adapters and freezes the base (LoRA); nothing without LoRA settings.
     let attachAdapters (settings: TrainingSettings) (model: GptModel) =
@@ -545,6 +601,15 @@ module Run =
         let modelSaved directory = emit { latest.Value with Kind = RunEventKind.ModelSaved; Path = Some directory }
         onEvent, modelSaved, (fun () -> latest.Value)
 
+    /// The trainer's event handler that first writes a fresh run's run.json when the trainer starts: only then has
+    /// every option been checked (the trainer checks its own against the data), so a refused run writes nothing.
+    let writeRunFileWhenStarted (write: unit -> unit) (onEvent: TrainingEvent -> unit) =
+        fun event ->
+            match event with
+            | Started _ -> write ()
+            | _ -> ()
+            onEvent event
+
     /// The run's result from the trainer's.
     let resultOf (r: TrainingResult) (elapsed: TimeSpan) (runDirectory: string) (modelDirectory: string option) =
         let first = r.Evaluations |> Array.tryHead
@@ -556,10 +621,10 @@ module Run =
           BestValidationLoss = r.BestValidationLoss; LastStepLoss = r.LastTrainLoss; RunDirectory = runDirectory
           ModelDirectory = modelDirectory; CheckpointDirectory = r.Checkpoint; Elapsed = elapsed; Evaluations = r.Evaluations }
 
-    /// Pretrains a model as the options say, in OutputDirectory/Name (or the resumed run's folder): run.json, checkpoints,
-    /// metrics.jsonl, and the final model in the Hugging Face layout under model/. Reports a snapshot after every event.
-    /// Cancelling stops after the current step with a checkpoint and the model so far (Cancelled = true).
-    let pretrain (options: RunOptions) (report: RunProgress -> unit) (cancellation: CancellationToken) : RunResult =
+    /// Everything a run needs before its first step, checked: its folder, the checkpoint it resumes from, the model
+    /// (on the settings' device; the caller owns it unless it was given in memory: see OwnsModel), the data split, and
+    /// the trainer's options. Nothing is written yet.
+    let prepare (options: RunOptions) : PreparedRun =
         RunOptions.validate options
         let tokenizer = Tokenizers.gpt2 ()
         // The text first: a missing file is found before a large model is built.
@@ -568,25 +633,42 @@ module Run =
             | Some texts, _ -> texts |> List.mapi (fun index text -> ({ Source = sprintf "text %d (in memory)" (index + 1); Text = text }: Corpus.Document)) |> Array.ofList
             | None, Some data -> Corpus.load data
             | None, None -> [| Corpus.builtIn.Value |]
-        let runDirectory, resumeFrom, model, owned = prepareModel options
-        // A model given in memory is the caller's: trained in place, never disposed here.
-        use _owner = if owned then model :> IDisposable else { new IDisposable with member _.Dispose() = () }
-        attachAdapters options.Training model
-        // On its device (with its adapters) before the trainer lists the parameters and makes the optimizer.
-        Device.place options.Training.Device model |> ignore
-        if options.Training.Lora.IsSome then Lora.freezeBase (fun _ -> false) model |> ignore
-        let config = model.Config
-        let contextLength = options.ContextLength |> Option.defaultValue config.ContextLength
-        if contextLength < 1 || contextLength > config.ContextLength then
-            Errors.fail "the training context length %d must be between 1 and the model's context length %d" contextLength config.ContextLength
-        if config.VocabSize < tokenizer.VocabularySize then
-            Errors.fail "the model's vocabulary has %d tokens; GPT-2's tokenizer needs %d" config.VocabSize tokenizer.VocabularySize
-        let data = TrainingData.forGpt config tokenizer options.TrainRatio (tokens options documents tokenizer contextLength)
-        let trainerOptions = RunOptions.toTrainerOptions options contextLength runDirectory
-        TrainerOptions.validate trainerOptions
-        if resumeFrom.IsNone then RunFile.write runDirectory options
+        let runDirectory, resumeFrom, model, owned, runLock = prepareModel options
+        try
+            attachAdapters options.Training model
+            // On its device (with its adapters) before the trainer lists the parameters and makes the optimizer.
+            Device.place options.Training.Device model |> ignore
+            if options.Training.Lora.IsSome then Lora.freezeBase (fun _ -> false) model |> ignore
+            let config = model.Config
+            let contextLength = options.ContextLength |> Option.defaultValue config.ContextLength
+            if contextLength < 1 || contextLength > config.ContextLength then
+                Errors.fail "the training context length %d must be between 1 and the model's context length %d" contextLength config.ContextLength
+            if config.VocabSize < tokenizer.VocabularySize then
+                Errors.fail "the model's vocabulary has %d tokens; GPT-2's tokenizer needs %d" config.VocabSize tokenizer.VocabularySize
+            let data = TrainingData.forGpt config tokenizer options.TrainRatio (tokens options documents tokenizer contextLength)
+            let trainerOptions = RunOptions.toTrainerOptions options contextLength runDirectory
+            TrainerOptions.validate trainerOptions
+            { RunDirectory = runDirectory; ResumeFrom = resumeFrom; Model = model; OwnsModel = owned; Data = data
+              TrainerOptions = trainerOptions; Lock = runLock }
+        with _ ->
+            // A model given in memory is the caller's: never disposed here.
+            if owned then model.Dispose()
+            runLock.Release()
+            reraise ()
+
+    /// Pretrains a model as the options say, in OutputDirectory/Name (or the resumed run's folder): run.json, checkpoints,
+    /// metrics.jsonl, and the final model in the Hugging Face layout under model/. Reports a snapshot after every event.
+    /// Cancelling stops after the current step with a checkpoint and the model so far (Cancelled = true). A model given
+    /// in memory (InitModel) is trained in place and stays the caller's.
+    let pretrain (options: RunOptions) (report: RunProgress -> unit) (cancellation: CancellationToken) : RunResult =
+        let prepared = prepare options
+        let runDirectory = prepared.RunDirectory
+        use runLock = prepared.Lock
+        let model = prepared.Model
+        use _owner = if prepared.OwnsModel then model :> IDisposable else { new IDisposable with member _.Dispose() = () }
         let onEvent, modelSaved, latest = reporter report options.Training.Epochs runDirectory
-        let trained = Trainer.train trainerOptions model data resumeFrom onEvent cancellation
+        let onEvent = writeRunFileWhenStarted (fun () -> if prepared.ResumeFrom.IsNone then RunFile.write runDirectory options) onEvent
+        let trained = Trainer.train prepared.TrainerOptions model prepared.Data prepared.ResumeFrom onEvent cancellation
         let modelDirectory =
             if trained.Steps = 0 then None
             else

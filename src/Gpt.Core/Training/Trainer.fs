@@ -106,7 +106,7 @@ module Trainer =
     let private metricsPath (options: TrainerOptions) = options.OutputDirectory |> Option.map (fun d -> Path.Combine(d, "metrics.jsonl"))
 
     /// Refuses to resume from a checkpoint whose data position would not carry over to this run.
-    let private checkResumable (directory: string) (stored: CheckpointState) (options: TrainerOptions) (task: TrainingTask<'Batch>) =
+    let checkResumable (directory: string) (stored: CheckpointState) (options: TrainerOptions) (task: TrainingTask<'Batch>) =
         if stored.Tokenizer <> task.Tokenizer then
             Errors.fail "checkpoint '%s' was trained with tokenizer '%s', this run uses '%s'" directory stored.Tokenizer task.Tokenizer
         if stored.DataFingerprint <> task.Data.Fingerprint then
@@ -115,9 +115,9 @@ module Trainer =
         use storedOptions = JsonDocument.Parse stored.TrainingOptions
         let same (name: string) (label: string) (value: int) =
             match storedOptions.RootElement.TryGetProperty name with
-            | true, element when element.ValueKind = JsonValueKind.Number && element.GetInt32() <> value ->
-                Errors.fail "checkpoint '%s' was trained with %s %d, this run asks for %d: the data position would not carry over"
-                    directory label (element.GetInt32()) value
+            | true, element when not (element.ValueKind = JsonValueKind.Number && fst (element.TryGetInt32()) && element.GetInt32() = value) ->
+                Errors.fail "checkpoint '%s' was trained with %s %s, this run asks for %d: the data position would not carry over"
+                    directory label (element.GetRawText()) value
             | _ -> ()
         same "batch_size" "batch size" options.BatchSize
         same "context_length" "context length" options.ContextLength

@@ -30,9 +30,14 @@ module ClassifierFiles =
         json["classifier_pooling"] <- config.Pooling.Name
         json.ToJsonString(JsonSerializerOptions(WriteIndented = true)) + "\n"
 
+    /// The most labels a classifier's config.json may declare (num_labels is read before anything else is checked).
+    let maxLabels = 100_000
+
     /// The labels in id order from id2label, checked against num_labels and label2id.
     let private labelsOf (fields: Pretrained.ConfigFields) (path: string) =
         let count = fields.Required [ "num_labels" ]
+        if count < 0 || count > maxLabels then
+            Errors.fail "config '%s': num_labels %d is outside 2..%d" path count maxLabels
         let labels =
             match fields.TryField "id2label" with
             | Some value when value.ValueKind = JsonValueKind.Object ->
@@ -50,7 +55,7 @@ module ClassifierFiles =
         | Some value when value.ValueKind = JsonValueKind.Object ->
             labels |> Array.iteri (fun id label ->
                 match value.TryGetProperty label with
-                | true, v when v.ValueKind = JsonValueKind.Number && v.GetInt32() = id -> ()
+                | true, v when v.ValueKind = JsonValueKind.Number && (match v.TryGetInt32() with | true, n -> n = id | _ -> false) -> ()
                 | _ -> Errors.fail "config '%s': label2id does not map '%s' to %d as id2label does" path label id)
         | _ -> ()
         labels
@@ -59,12 +64,11 @@ module ClassifierFiles =
     let isClassifier (directory: string) =
         let path = Path.Combine(directory, Pretrained.configFileName)
         File.Exists path
-        && Pretrained.parseWith path (File.ReadAllText path) (fun fields -> List.contains architecture (Pretrained.architecturesOf fields))
+        && Pretrained.parseWith path (Pretrained.readConfigText path) (fun fields -> List.contains architecture (Pretrained.architecturesOf fields))
 
     /// A classifier's config.json.
     let readConfig (path: string) : ClassifierConfig =
-        if not (File.Exists path) then Errors.fail "config '%s' does not exist" path
-        Pretrained.parseWith path (File.ReadAllText path) (fun fields ->
+        Pretrained.parseWith path (Pretrained.readConfigText path) (fun fields ->
             if not (List.contains architecture (Pretrained.architecturesOf fields)) then
                 Errors.fail "config '%s' is not a classifier: expected \"architectures\": [\"%s\"] (a language model is fine-tuned into one with gpt finetune classify)" path architecture
             let body = Pretrained.configOf fields
@@ -105,15 +109,41 @@ module ClassifierFiles =
         classifier.eval ()
         classifier
 
-    /// Loads a classifier folder (config.json + model.safetensors) with another pooling than its own when given.
-    /// Eval mode.
-    let loadWith (pooling: Pooling option) (directory: string) : GptClassifier =
+    /// What is wrong with tensors a file describes (see Pretrained.describedProblems) for a classifier: the body's
+    /// problems and the head's.
+    let describedProblems (config: ClassifierConfig) (described: (string * string * bool * int64[]) list) : string list =
+        let score, body = described |> List.partition (fun (name, _, _, _) -> name = "score.weight")
+        let expected = [| int64 config.Labels.Length; int64 config.Body.EmbeddingDim |]
+        [ yield! Pretrained.describedProblems config.Body body
+          match score with
+          | [ _, _, true, shape ] when shape = expected -> ()
+          | [ _, dtype, false, _ ] -> yield sprintf "tensor 'score.weight' has dtype %s, expected a floating-point dtype" dtype
+          | [ _, _, _, shape ] ->
+              yield sprintf "tensor 'score.weight' has shape %s, expected [%d, %d] (labels, embedding dimension)"
+                        (Errors.shapeText shape) config.Labels.Length config.Body.EmbeddingDim
+          | _ -> yield "missing keys: score.weight (the classification head)" ]
+
+    /// Loads a classifier folder (config.json + model.safetensors) with another pooling than its own when given. The
+    /// configuration, then the safetensors header against it and the memory, are checked before any tensor is read;
+    /// the weights must be finite unless the options allow otherwise. Eval mode.
+    let loadFrom (options: LoadOptions) (pooling: Pooling option) (directory: string) : GptClassifier =
         if not (Directory.Exists directory) then Errors.fail "model directory '%s' does not exist" directory
         let saved = readConfig (Path.Combine(directory, Pretrained.configFileName))
         let config = { saved with Pooling = defaultArg pooling saved.Pooling }
-        let source, tensors = Pretrained.readTensors directory
-        try fromTensors source config tensors
-        finally for _, tensor in tensors do tensor.Dispose()
+        let check source described =
+            match describedProblems config described with
+            | [] -> ModelMemory.require (sprintf "checkpoint '%s'" source) config.Body
+            | problems -> Errors.fail "checkpoint '%s': %s" source (String.concat "; " problems)
+        let source, tensors = Pretrained.readTensorsChecked check directory
+        try
+            check source (Pretrained.describeTensors tensors)
+            Pretrained.checkFinite options source tensors
+            fromTensors source config tensors
+        finally
+            for _, tensor in tensors do tensor.Dispose()
+
+    /// Loads a classifier folder with another pooling than its own when given (non-finite weights refused). Eval mode.
+    let loadWith (pooling: Pooling option) (directory: string) : GptClassifier = loadFrom LoadOptions.defaults pooling directory
 
     /// Loads a classifier folder (config.json + model.safetensors). Eval mode.
     let load (directory: string) : GptClassifier = loadWith None directory

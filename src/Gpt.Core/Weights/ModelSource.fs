@@ -14,7 +14,9 @@ type ModelSourceOptions =
       Progress: DownloadProgress -> unit
       /// The configuration of a state dict file, which carries none (else a config.json beside it, else the shapes).
       Config: GptConfig option
-      Cancellation: CancellationToken }
+      Cancellation: CancellationToken
+      /// Load weights that hold NaN or infinities (by default an error naming the tensors).
+      AllowNonFinite: bool }
 
 /// What a model source names.
 type ModelSourceKind =
@@ -39,7 +41,8 @@ type ModelSourceKind =
 module ModelSource =
     /// The environment's hub settings, no progress, no configuration override.
     let defaults () =
-        { Hub = HubCache.settingsFromEnvironment (); Progress = ignore; Config = None; Cancellation = CancellationToken.None }
+        { Hub = HubCache.settingsFromEnvironment (); Progress = ignore; Config = None; Cancellation = CancellationToken.None
+          AllowNonFinite = false }
 
     let private fileExtensions = [ ".pth"; ".pt"; ".bin"; ".safetensors"; ".index"; ".json"; ".ckpt" ]
 
@@ -73,16 +76,15 @@ module ModelSource =
     /// Reads a configuration file: a Hugging Face config.json (n_embd, n_head, ...) or the book's GPT_CONFIG
     /// dictionary as JSON (vocab_size, context_length, emb_dim, n_heads, n_layers, drop_rate, qkv_bias).
     let readConfigFile (path: string) : GptConfig =
-        if not (File.Exists path) then Errors.fail "configuration '%s' does not exist" path
-        let text = File.ReadAllText path
+        let text = BoundedFile.readText "configuration" Pretrained.configSizeLimit path
         let book =
             try
-                use document = JsonDocument.Parse text
+                use document = JsonDocument.Parse(text, BoundedFile.jsonOptions)
                 document.RootElement.ValueKind = JsonValueKind.Object && (fst (document.RootElement.TryGetProperty "emb_dim"))
             with :? JsonException -> false
         if not book then Pretrained.parseConfig path text
         else
-            use document = JsonDocument.Parse text
+            use document = BoundedFile.parseJson (sprintf "configuration '%s'" path) text
             let root = document.RootElement
             let fail format = Printf.ksprintf (fun m -> raise (GptException(sprintf "configuration '%s': %s" path m))) format
             let field (key: string) = match root.TryGetProperty key with | true, v -> Some v | _ -> None
@@ -120,38 +122,54 @@ module ModelSource =
         | HuggingFaceFolder d | OpenAICheckpoint d -> d
         | StateDictFile p | SafetensorsFile p -> p
 
-    /// Loads a model from any source (see the module's summary). Eval mode.
+    /// A model from a reader that checks no values: refused (and disposed) when a weight is not finite, unless the
+    /// options allow it.
+    let private finiteModel (options: ModelSourceOptions) (source: string) (model: GptModel) =
+        try
+            Pretrained.checkFinite { AllowNonFinite = options.AllowNonFinite } source
+                [ for KeyValue(name, tensor) in model.state_dict () -> name, tensor ]
+            model
+        with _ ->
+            model.Dispose()
+            reraise ()
+
+    /// Loads a model from any source (see the module's summary). Sizes, names and shapes are checked before the model
+    /// is built; weights that hold NaN or infinities are an error unless options.AllowNonFinite. Eval mode.
     let loadWith (options: ModelSourceOptions) (source: string) : GptModel =
+        let loadOptions = { AllowNonFinite = options.AllowNonFinite }
         match classify source with
         | HuggingFaceFolder directory ->
             noOverride options (sprintf "the Hugging Face folder '%s'" directory)
-            Pretrained.load directory
+            Pretrained.loadWith loadOptions directory
         | OpenAICheckpoint directory ->
             noOverride options (sprintf "OpenAI's checkpoint '%s' (hparams.json)" directory)
-            TensorFlowBundle.load directory
+            TensorFlowBundle.load directory |> finiteModel options directory
         | HubModel id ->
             noOverride options (sprintf "the Hugging Face model '%s'" id.RepoId)
-            Pretrained.load (HubCache.resolve options.Hub options.Progress options.Cancellation id)
+            Pretrained.loadWith loadOptions (HubCache.resolve options.Hub options.Progress options.Cancellation id)
         | SafetensorsFile path ->
             match configFor options path with
             | None -> Errors.fail "safetensors file '%s' has no configuration: put its config.json beside it, or give one" path
             | Some config ->
+                // The header against the configuration before any tensor is read.
+                Pretrained.checkDescribed path config (Pretrained.describeHeader (Safetensors.readHeader path))
+                ModelMemory.require (sprintf "checkpoint '%s'" path) config
                 let tensors, _ = Safetensors.readWithMetadata path
-                try Pretrained.fromTensors path config tensors
+                try Pretrained.fromTensorsWith loadOptions path config tensors
                 finally for _, t in tensors do t.Dispose()
         | StateDictFile path ->
             let isBook =
                 use archive = TorchPickle.openArchive path
                 let stateDict = TorchPickle.tryField "model_state_dict" archive.Root |> Option.defaultValue archive.Root
                 BookCheckpoint.isBookStateDict (TorchPickle.stateDictEntries path stateDict |> List.map fst)
-            if isBook then BookCheckpoint.loadWith (configFor options path) path
+            if isBook then BookCheckpoint.loadWith (configFor options path) path |> finiteModel options path
             else
                 match configFor options path with
                 | None ->
                     Errors.fail "PyTorch state dict '%s' has Hugging Face names but no configuration: put its config.json beside it, or give one" path
                 | Some config ->
                     let tensors = Pretrained.readPyTorchStateDict path
-                    try Pretrained.fromTensors path config tensors
+                    try Pretrained.fromTensorsWith loadOptions path config tensors
                     finally for _, t in tensors do t.Dispose()
 
     /// loadWith the environment's settings.

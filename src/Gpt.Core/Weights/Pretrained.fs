@@ -9,6 +9,17 @@ open TorchSharp
 open Gpt
 open Gpt.Model
 
+/// How a loader treats weights that are well-formed but unusual.
+type LoadOptions =
+    { /// Load weights that hold NaN or infinities. By default that is an error naming the tensors: one NaN in a
+      /// weight matrix quietly changes every output.
+      AllowNonFinite: bool }
+
+[<RequireQualifiedAccess>]
+module LoadOptions =
+    /// Non-finite weights refused.
+    let defaults = { AllowNonFinite = false }
+
 /// Weights in the Hugging Face GPT-2 layout: a directory with `config.json` and `model.safetensors`, the layout
 /// `transformers.GPT2LMHeadModel` reads and writes.
 [<RequireQualifiedAccess>]
@@ -100,14 +111,22 @@ module Pretrained =
             value.EnumerateArray() |> Seq.tryHead |> Option.map (fun first -> fields.Integer(first, "eos_token_id"))
         | Some value -> Some(fields.Integer(value, "eos_token_id"))
 
-    /// Parses a config.json's text and reads it with `read`; `path` names it in error messages.
+    /// Parses a config.json's text and reads it with `read`; `path` names it in error messages. Duplicate keys are
+    /// an error (which of two "n_embd" counts is a guess).
     let parseWith (path: string) (text: string) (read: ConfigFields -> 'T) : 'T =
         use document =
             try
-                JsonDocument.Parse(text)
+                JsonDocument.Parse(text, BoundedFile.jsonOptions)
             with :? JsonException as e ->
                 configError path "not valid JSON (%s)" e.Message
+        BoundedFile.checkStrings (sprintf "config '%s'" path) document.RootElement
         read (ConfigFields(path, document.RootElement))
+
+    /// The most a config.json may hold: 16 MB (GPT-2's is 700 bytes; a classifier's labels add a little).
+    let configSizeLimit = BoundedFile.defaultLimit
+
+    /// The text of a config.json: a regular file (links followed) of at most configSizeLimit bytes, strict UTF-8.
+    let readConfigText (path: string) : string = BoundedFile.readText "config" configSizeLimit path
 
     /// Parses the text of a Hugging Face GPT-2 config.json (see readConfig); `path` names it in error messages.
     let parseConfig (path: string) (text: string) : GptConfig = parseWith path text configOf
@@ -115,9 +134,7 @@ module Pretrained =
     /// Reads a Hugging Face GPT-2 config.json: n_embd, n_head, n_layer, n_positions (or n_ctx), vocab_size,
     /// layer_norm_epsilon; resid_pdrop for dropout (default 0.1), tie_word_embeddings (default true) and our own
     /// qkv_bias (default true: every released GPT-2 has it). Settings this model cannot honour are errors.
-    let readConfig (path: string) : GptConfig =
-        if not (File.Exists path) then Errors.fail "config '%s' does not exist" path
-        parseConfig path (File.ReadAllText path)
+    let readConfig (path: string) : GptConfig = parseConfig path (readConfigText path)
 
     /// The config.json text for a configuration and its end-of-text token (eos_token_id and bos_token_id, null for
     /// none): the standard GPT-2 keys (so transformers can read it) plus tie_word_embeddings, the three dropout rates
@@ -171,6 +188,98 @@ module Pretrained =
     let stripPrefix (name: string) =
         if name.StartsWith("transformer.", StringComparison.Ordinal) then name.Substring "transformer.".Length else name
 
+    // ---- checks before anything is allocated ----------------------------------------------------------------------
+
+    /// The tensors a configuration has in the Hugging Face layout (Conv1D weights [in, out]), with their shapes and
+    /// whether a file must hold them: the c_attn biases only with qkv_bias (transformers always writes them), lm_head
+    /// only when the head is untied (a tied head may still be stored, as a copy of wte).
+    let expectedTensors (config: GptConfig) : (string * int64[] * bool) list =
+        let vocabulary, positions, d = int64 config.VocabSize, int64 config.ContextLength, int64 config.EmbeddingDim
+        [ yield "wte.weight", [| vocabulary; d |], true
+          yield "wpe.weight", [| positions; d |], true
+          for i in 0 .. config.Layers - 1 do
+              let h = sprintf "h.%d." i
+              yield h + "ln_1.weight", [| d |], true
+              yield h + "ln_1.bias", [| d |], true
+              yield h + "attn.c_attn.weight", [| d; 3L * d |], true
+              yield h + "attn.c_attn.bias", [| 3L * d |], config.QkvBias
+              yield h + "attn.c_proj.weight", [| d; d |], true
+              yield h + "attn.c_proj.bias", [| d |], true
+              yield h + "ln_2.weight", [| d |], true
+              yield h + "ln_2.bias", [| d |], true
+              yield h + "mlp.c_fc.weight", [| d; 4L * d |], true
+              yield h + "mlp.c_fc.bias", [| 4L * d |], true
+              yield h + "mlp.c_proj.weight", [| 4L * d; d |], true
+              yield h + "mlp.c_proj.bias", [| d |], true
+          yield "ln_f.weight", [| d |], true
+          yield "ln_f.bias", [| d |], true
+          yield "lm_head.weight", [| vocabulary; d |], not config.TiedHead ]
+
+    /// Names for an error message: at most `shown` of them, then how many there are in all.
+    let listed (shown: int) (names: string list) =
+        match List.length names with
+        | n when n <= shown -> String.concat ", " names
+        | n -> sprintf "%s, ... (%d in all)" (names |> List.truncate shown |> String.concat ", ") n
+
+    /// What is wrong with the tensors a file describes — (name as stored, dtype as the file names it, whether that is
+    /// a floating-point type, shape) — for a configuration: names both with and without "transformer.", non-float
+    /// dtypes, wrong shapes, missing and unexpected names. It looks at descriptions only, so a loader can call it on a
+    /// safetensors header before any tensor is read or any module built (a 367-byte config.json with n_embd 12288
+    /// beside a small model's weights is refused at once, instead of building 7 GB first). At most a few names each.
+    let describedProblems (config: GptConfig) (described: (string * string * bool * int64[]) list) : string list =
+        let renamed = described |> List.map (fun ((name, _, _, _) as d) -> stripPrefix name, d)
+        let twice = renamed |> List.countBy fst |> List.filter (fun (_, n) -> n > 1) |> List.map fst
+        if not twice.IsEmpty then
+            [ sprintf "these tensors appear both with and without the \"transformer.\" prefix: %s" (listed 5 twice) ]
+        else
+            let byName = renamed |> List.filter (fun (name, _) -> not (isMaskBuffer name)) |> dict
+            let expected = expectedTensors config
+            let known = expected |> List.map (fun (name, _, _) -> name) |> HashSet
+            let wrong =
+                [ for name, shape, _ in expected do
+                      match byName.TryGetValue name with
+                      | true, (stored, dtype, isFloat, found) ->
+                          if not isFloat then yield sprintf "tensor '%s' has dtype %s, expected a floating-point dtype" stored dtype
+                          elif found <> shape then
+                              let layout = if isConv1DWeight name then " (Conv1D layout [in, out])" else ""
+                              yield sprintf "tensor '%s' has shape %s, expected %s%s" stored (Errors.shapeText found) (Errors.shapeText shape) layout
+                      | _ -> () ]
+            let missing = [ for name, _, required in expected do if required && not (byName.ContainsKey name) then name ] |> List.sort
+            let unexpected = [ for KeyValue(name, (stored, _, _, _)) in byName do if not (known.Contains name) then stored ] |> List.sort
+            [ yield! List.truncate 3 wrong
+              if wrong.Length > 3 then yield sprintf "and %d more tensors of the wrong shape or dtype" (wrong.Length - 3)
+              if not missing.IsEmpty then yield sprintf "missing keys: %s" (listed 5 missing)
+              if not unexpected.IsEmpty then yield sprintf "unexpected keys: %s" (listed 5 unexpected) ]
+
+    /// Fails with describedProblems, naming the source: "checkpoint 'x': problem; problem".
+    let checkDescribed (source: string) (config: GptConfig) (described: (string * string * bool * int64[]) list) =
+        match describedProblems config described with
+        | [] -> ()
+        | problems -> Errors.fail "checkpoint '%s': %s" source (String.concat "; " problems)
+
+    /// The descriptions of a safetensors header, for checkDescribed (dtypes under torch's names, as for tensors in
+    /// memory).
+    let describeHeader (header: Safetensors.Header) =
+        let torchName =
+            dict [ "F32", "Float32"; "F16", "Float16"; "BF16", "BFloat16"; "F64", "Float64"; "I64", "Int64"; "I32", "Int32"
+                   "I16", "Int16"; "I8", "Int8"; "U8", "Byte"; "BOOL", "Bool" ]
+        [ for entry in header.Entries ->
+              let name = match torchName.TryGetValue entry.DType with | true, n -> n | _ -> entry.DType
+              entry.Name, name, List.contains entry.DType [ "F32"; "F16"; "BF16"; "F64" ], entry.Shape ]
+
+    /// The descriptions of tensors in memory, for checkDescribed.
+    let describeTensors (tensors: (string * torch.Tensor) list) =
+        [ for name, tensor in tensors -> name, string tensor.dtype, tensor.is_floating_point (), tensor.shape ]
+
+    /// Fails unless every floating-point weight is finite, naming at most three tensors and how many there are
+    /// (unless the options allow it).
+    let checkFinite (options: LoadOptions) (source: string) (tensors: (string * torch.Tensor) list) =
+        if not options.AllowNonFinite then
+            try
+                Safetensors.requireFinite source tensors
+            with :? GptException as e ->
+                Errors.fail "%s (load anyway with --allow-nonfinite, or AllowNonFinite in the load options)" e.Message
+
     // ---- load ---------------------------------------------------------------------------------------------------
 
     /// Builds a model from tensors in the Hugging Face layout (names with or without "transformer.", Conv1D
@@ -179,6 +288,9 @@ module Pretrained =
     /// c_attn biases under qkv_bias = false turn the bias on. The model is returned in eval mode.
     let fromTensors (source: string) (config: GptConfig) (tensors: (string * torch.Tensor) list) : GptModel =
         let fail format = Printf.ksprintf (fun message -> raise (GptException(sprintf "checkpoint '%s': %s" source message))) format
+        // Names, dtypes and shapes first, then the memory: nothing is built for tensors that do not fit.
+        checkDescribed source config (describeTensors tensors)
+        ModelMemory.require (sprintf "checkpoint '%s'" source) config
         let renamed = tensors |> List.map (fun (name, tensor) -> stripPrefix name, (name, tensor))
         match renamed |> List.countBy fst |> List.filter (fun (_, n) -> n > 1) with
         | [] -> ()
@@ -218,12 +330,18 @@ module Pretrained =
     let readPyTorchStateDict (path: string) : (string * torch.Tensor) list =
         TorchPickle.readStateDict path |> List.sortBy fst
 
+    /// fromTensors after checking that the weights are finite (unless the options allow NaN and infinities).
+    let fromTensorsWith (options: LoadOptions) (source: string) (config: GptConfig) (tensors: (string * torch.Tensor) list) : GptModel =
+        checkDescribed source config (describeTensors tensors)
+        checkFinite options source tensors
+        fromTensors source config tensors
+
     /// Loads a configuration and a pickled PyTorch state dict in the Hugging Face GPT-2 layout. Eval mode.
     let loadPyTorch (configPath: string) (statePath: string) : GptModel =
         let config = readConfig configPath
         let tensors = readPyTorchStateDict statePath
         try
-            fromTensors statePath config tensors
+            fromTensorsWith LoadOptions.defaults statePath config tensors
         finally
             for _, tensor in tensors do tensor.Dispose()
 
@@ -235,31 +353,48 @@ module Pretrained =
         | _ -> []
 
     /// A model folder's tensors: model.safetensors (F16/BF16 converted to float32), or pytorch_model.bin when there
-    /// is no safetensors file, with the file they came from. The caller disposes them.
-    let readTensors (directory: string) : string * (string * torch.Tensor) list =
+    /// is no safetensors file, with the file they came from. The caller disposes them. `check` sees the safetensors
+    /// header's descriptions (see describeHeader) before any tensor is read.
+    let readTensorsChecked (check: string -> (string * string * bool * int64[]) list -> unit) (directory: string)
+        : string * (string * torch.Tensor) list =
         let weightsPath = Path.Combine(directory, weightsFileName)
         let pytorchPath = Path.Combine(directory, pytorchFileName)
-        if File.Exists weightsPath then weightsPath, fst (Safetensors.readWithMetadata weightsPath)
-        elif File.Exists pytorchPath then pytorchPath, readPyTorchStateDict pytorchPath
+        // FileInfo.Exists: a dangling link is reported by the reader, not taken for a missing file.
+        let exists (path: string) = FileInfo(path).Exists || Directory.Exists path || File.Exists path
+        if exists weightsPath then
+            check weightsPath (describeHeader (Safetensors.readHeader weightsPath))
+            weightsPath, fst (Safetensors.readWithMetadata weightsPath)
+        elif exists pytorchPath then pytorchPath, readPyTorchStateDict pytorchPath
         else Errors.fail "model directory '%s' has no %s (nor %s)" directory weightsFileName pytorchFileName
 
-    /// Loads DIR/config.json and DIR/model.safetensors (or DIR/pytorch_model.bin). Bad files fail naming the file, the
-    /// tensor, expected and found shape or dtype, and the missing and unexpected keys. Eval mode.
-    let load (directory: string) : GptModel =
+    /// A model folder's tensors (see readTensorsChecked), unchecked.
+    let readTensors (directory: string) : string * (string * torch.Tensor) list = readTensorsChecked (fun _ _ -> ()) directory
+
+    /// Loads DIR/config.json and DIR/model.safetensors (or DIR/pytorch_model.bin). The configuration is checked first
+    /// (sizes within GptConfig's limits), then the safetensors header against it (names, dtypes, shapes) and the
+    /// memory the model needs, all before a tensor is read or a module built; then the weights must be finite unless
+    /// the options allow otherwise. Bad files fail naming the file, the tensor, expected and found shape or dtype,
+    /// and the missing and unexpected keys. Eval mode.
+    let loadWith (options: LoadOptions) (directory: string) : GptModel =
         if not (Directory.Exists directory) then Errors.fail "model directory '%s' does not exist" directory
         let configPath = Path.Combine(directory, configFileName)
-        if not (File.Exists configPath) then Errors.fail "config '%s' does not exist" configPath
         let config, architectures, endOfText =
-            parseWith configPath (File.ReadAllText configPath) (fun fields -> configOf fields, architecturesOf fields, endOfTextOf fields)
+            parseWith configPath (readConfigText configPath) (fun fields -> configOf fields, architecturesOf fields, endOfTextOf fields)
         if List.contains "GPT2ForSequenceClassification" architectures then
             Errors.fail "'%s' is a text classifier (GPT2ForSequenceClassification), not a language model: use it with gpt classify (TextClassifier)" directory
-        let source, tensors = readTensors directory
+        let check source described =
+            checkDescribed source config described
+            ModelMemory.require (sprintf "checkpoint '%s'" source) config
+        let source, tensors = readTensorsChecked check directory
         try
-            let model = fromTensors source config tensors
+            let model = fromTensorsWith options source config tensors
             model.ConfiguredEndOfTextId <- endOfText
             model
         finally
             for _, tensor in tensors do tensor.Dispose()
+
+    /// loadWith the default options: non-finite weights are an error.
+    let load (directory: string) : GptModel = loadWith LoadOptions.defaults directory
 
     // ---- save ---------------------------------------------------------------------------------------------------
 

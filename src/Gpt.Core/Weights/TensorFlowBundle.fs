@@ -202,7 +202,8 @@ module TensorFlowBundle =
         if not (File.Exists indexPath) then Errors.fail "TensorFlow checkpoint index '%s' does not exist" indexPath
         let length = FileInfo(indexPath).Length
         if length > maxIndexBytes then corrupt indexPath "the index has %d bytes, more than the %d a checkpoint index needs" length maxIndexBytes
-        let file = File.ReadAllBytes indexPath
+        // A regular file only (links followed): a FIFO would block the read forever.
+        let file = BoundedFile.readBytes "TensorFlow checkpoint index" maxIndexBytes indexPath
         let entries = tableEntries indexPath file |> List.map (fun (key, value) -> Encoding.UTF8.GetString key, value)
         match entries with
         | ("", header) :: rest -> parseHeader indexPath header, rest |> List.map (fun (name, value) -> parseEntry indexPath name value)
@@ -235,7 +236,7 @@ module TensorFlowBundle =
         if not (File.Exists path) then Errors.fail "hparams '%s' does not exist" path
         let fail format = Printf.ksprintf (fun m -> raise (GptException(sprintf "hparams '%s': %s" path m))) format
         use document =
-            try JsonDocument.Parse(File.ReadAllText path)
+            try JsonDocument.Parse(BoundedFile.readText "hparams" BoundedFile.defaultLimit path, BoundedFile.jsonOptions)
             with :? JsonException as e -> fail "not valid JSON (%s)" e.Message
         let root = document.RootElement
         if root.ValueKind <> JsonValueKind.Object then fail "not a JSON object"
@@ -257,7 +258,7 @@ module TensorFlowBundle =
         let fromFile =
             let path = Path.Combine(directory, checkpointFileName)
             if File.Exists path then
-                let m = Regex.Match(File.ReadAllText path, "model_checkpoint_path:\s*\"([^\"]*)\"")
+                let m = Regex.Match(BoundedFile.readText "TensorFlow checkpoint file" BoundedFile.defaultLimit path, "model_checkpoint_path:\s*\"([^\"]*)\"")
                 if m.Success then Some(Path.Combine(directory, Path.GetFileName m.Groups[1].Value)) else None
             else None
         match fromFile with

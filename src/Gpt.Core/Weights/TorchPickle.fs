@@ -332,7 +332,9 @@ module TorchPickle =
     /// Opens a torch.save file and runs its pickle program (no tensor is read yet). Dispose the archive.
     let openArchive (path: string) : Archive =
         if not (File.Exists path) then Errors.fail "PyTorch checkpoint '%s' does not exist" path
-        let stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read)
+        // A regular file only (links followed): opening a FIFO would wait for a writer forever.
+        let target, _ = BoundedFile.check "PyTorch checkpoint" Int64.MaxValue path
+        let stream = new FileStream(target, FileMode.Open, FileAccess.Read, FileShare.Read)
         let signature = Array.zeroCreate<byte> 4
         let read = stream.Read(signature, 0, 4)
         if read < 4 || signature <> [| 0x50uy; 0x4Buy; 0x03uy; 0x04uy |] then
