@@ -1,0 +1,505 @@
+namespace Gpt.Kernels
+
+// Native pointers are the point of this file: the kernels read weights where they lie.
+#nowarn "9"
+
+open System
+open System.Numerics
+open System.Runtime.InteropServices
+open System.Runtime.Intrinsics
+open System.Runtime.Intrinsics.X86
+open Microsoft.FSharp.NativeInterop
+
+/// The element type inference weights are stored in. Products are always accumulated in float32: a 16-bit weight is
+/// widened to float32 in the kernel, next to the multiply-add that uses it.
+[<RequireQualifiedAccess>]
+type Dtype =
+    /// IEEE single precision, 4 bytes: the weights as trained.
+    | Float32
+    /// IEEE half precision, 2 bytes: 11 significant bits, range ±65,504.
+    | Float16
+    /// bfloat16 (the upper half of a float32), 2 bytes: 8 significant bits, float32's range.
+    | BFloat16
+
+    /// Bytes per element.
+    member this.Bytes =
+        match this with
+        | Float32 -> 4
+        | Float16
+        | BFloat16 -> 2
+
+    /// The short name the command line uses: f32, f16, bf16.
+    member this.Name =
+        match this with
+        | Float32 -> "f32"
+        | Float16 -> "f16"
+        | BFloat16 -> "bf16"
+
+/// Dtype names.
+[<RequireQualifiedAccess>]
+module Dtype =
+    /// Every dtype, in order of size.
+    let all = [ Dtype.Float32; Dtype.Float16; Dtype.BFloat16 ]
+
+    /// f32 | f16 | bf16 (also float32, fp32, float16, fp16, half, bfloat16), case-insensitive.
+    let parse (text: string) =
+        match (if isNull text then "" else text.Trim().ToLowerInvariant()) with
+        | "f32" | "fp32" | "float32" | "float" -> Dtype.Float32
+        | "f16" | "fp16" | "float16" | "half" -> Dtype.Float16
+        | "bf16" | "bfloat16" -> Dtype.BFloat16
+        | _ -> Gpt.Errors.fail "unknown dtype '%s': expected f32, f16 or bf16" text
+
+/// Which instructions compute the products: AVX2 with FMA (x86-64), or System.Numerics.Vector, which works on every
+/// processor .NET runs on (and is what runs where AVX2 is missing).
+[<RequireQualifiedAccess>]
+type MatVecPath =
+    | Avx2
+    | Portable
+
+/// A row-major weight matrix [Rows, Columns] at Address (native memory that someone else keeps alive), in Dtype.
+[<Struct>]
+type WeightMatrix =
+    { Address: nativeint
+      Rows: int
+      Columns: int
+      Dtype: Dtype }
+
+    /// Bytes from one row to the next.
+    member this.RowBytes = nativeint this.Columns * nativeint this.Dtype.Bytes
+
+/// Where a tensor's elements are, for kernels that read them in place.
+[<RequireQualifiedAccess>]
+module TensorMemory =
+    [<DllImport("LibTorchSharp", CallingConvention = CallingConvention.Cdecl)>]
+    extern nativeint private THSTensor_data(nativeint handle)
+
+    /// The address of a CPU tensor's first element (its storage offset included). Valid while the tensor's storage
+    /// lives: keep a handle to it.
+    let address (tensor: TorchSharp.torch.Tensor) =
+        if isNull tensor then nullArg "tensor"
+        if tensor.device_type <> TorchSharp.DeviceType.CPU then
+            Gpt.Errors.fail "kernels read CPU tensors, found one on %O" tensor.device
+        THSTensor_data tensor.Handle
+
+    /// A contiguous 2-D CPU tensor of float32, float16 or bfloat16 as a WeightMatrix (a view: keep the tensor alive
+    /// while it is used).
+    let matrix (tensor: TorchSharp.torch.Tensor) : WeightMatrix =
+        if isNull tensor then nullArg "tensor"
+        if tensor.dim () <> 2L || not (tensor.is_contiguous ()) then
+            Gpt.Errors.fail "a weight matrix must be a contiguous 2-D tensor, found shape %s" (Gpt.Errors.shapeText tensor.shape)
+        let dtype =
+            match tensor.dtype with
+            | TorchSharp.torch.ScalarType.Float32 -> Dtype.Float32
+            | TorchSharp.torch.ScalarType.Float16 -> Dtype.Float16
+            | TorchSharp.torch.ScalarType.BFloat16 -> Dtype.BFloat16
+            | other -> Gpt.Errors.fail "weights must be float32, float16 or bfloat16, found %O" other
+        { Address = address tensor; Rows = int tensor.shape[0]; Columns = int tensor.shape[1]; Dtype = dtype }
+
+/// What a product does with each result z = W x + b: store it, add it to what is there (a residual connection), or
+/// store GELU(z) (the feed-forward expansion).
+[<RequireQualifiedAccess>]
+type Epilogue =
+    | Store
+    | Add
+    | Gelu
+
+/// The scalar pieces every path shares.
+[<RequireQualifiedAccess>]
+module internal Scalar =
+    /// A float16 (IEEE binary16) bit pattern as float32: exact.
+    let inline half (bits: uint16) = float32 (BitConverter.UInt16BitsToHalf bits)
+
+    /// A bfloat16 bit pattern as float32: exact (bfloat16 is float32's upper half).
+    let inline bfloat (bits: uint16) = BitConverter.Int32BitsToSingle(int bits <<< 16)
+
+    /// Element `index` of a row of weights at `row`, as float32.
+    let inline element (dtype: Dtype) (row: nativeint) (index: int) =
+        match dtype with
+        | Dtype.Float32 -> NativePtr.get (NativePtr.ofNativeInt<float32> row) index
+        | Dtype.Float16 -> half (NativePtr.get (NativePtr.ofNativeInt<uint16> row) index)
+        | Dtype.BFloat16 -> bfloat (NativePtr.get (NativePtr.ofNativeInt<uint16> row) index)
+
+    /// GPT-2's tanh-approximate GELU, in float32 as libtorch computes it.
+    let gelu (z: float32) =
+        let inner = 0.7978845608028654f * (z + 0.044715f * z * z * z)
+        0.5f * z * (1.0f + MathF.Tanh inner)
+
+/// The AVX2 + FMA kernels: dot products of weight rows with activation rows, 8 columns per instruction, in blocks of
+/// 4 rows × 1 token (generation: 4 weight streams in flight) or 2 rows × 4 tokens (a prompt or a batch: each weight
+/// vector, once widened, serves 4 tokens).
+module internal Avx2Kernels =
+    /// float32 weights: one load.
+    let inline loadF32 (address: nativeint) = Avx.LoadVector256(NativePtr.ofNativeInt<float32> address)
+
+    /// bfloat16 weights: widen each 16-bit value to 32 bits and shift it into the upper half (2 instructions).
+    let inline loadBF16 (address: nativeint) =
+        Avx2.ShiftLeftLogical(Avx2.ConvertToVector256Int32(NativePtr.ofNativeInt<uint16> address), 16uy).AsSingle()
+
+    /// float16 weights without F16C (which .NET does not expose): shift the 16 bits into the upper half, move the
+    /// exponent and mantissa into float32's places with an arithmetic shift (the sign stays at bit 31), clear the
+    /// sign copies, and multiply by 2^112 to turn the exponent bias 15 into 127. Exact for every finite value,
+    /// subnormals included; infinities and NaN are not produced (conversion refuses weights outside float16's range).
+    let inline loadF16 (mask: Vector256<int>) (scale: Vector256<float32>) (address: nativeint) =
+        let upper = Avx2.ShiftLeftLogical(Avx2.ConvertToVector256Int32(NativePtr.ofNativeInt<uint16> address), 16uy)
+        Avx.Multiply(Avx2.And(Avx2.ShiftRightArithmetic(upper, 3uy), mask).AsSingle(), scale)
+
+    let inline scalarF32 (w: nativeint) (k: int) = NativePtr.get (NativePtr.ofNativeInt<float32> w) k
+    let inline scalarF16 (w: nativeint) (k: int) = Scalar.half (NativePtr.get (NativePtr.ofNativeInt<uint16> w) k)
+    let inline scalarBF16 (w: nativeint) (k: int) = Scalar.bfloat (NativePtr.get (NativePtr.ofNativeInt<uint16> w) k)
+
+    let f16Mask () = Vector256.Create(0x8FFFE000)
+    let f16Scale () = Vector256.Create(BitConverter.Int32BitsToSingle((112 + 127) <<< 23))
+
+    let inline private x8 (x: nativeint) (k: int) = Avx.LoadVector256(NativePtr.add (NativePtr.ofNativeInt<float32> x) k)
+    let inline private xAt (x: nativeint) (k: int) = NativePtr.get (NativePtr.ofNativeInt<float32> x) k
+
+    /// Dot products of 4 consecutive weight rows with one activation row.
+    let inline dot4x1
+        ([<InlineIfLambda>] load: nativeint -> Vector256<float32>)
+        ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
+        (bytes: int) (w: nativeint) (rowBytes: nativeint) (x: nativeint) (columns: int)
+        (results: nativeptr<float32>) =
+        let w1 = w + rowBytes
+        let w2 = w1 + rowBytes
+        let w3 = w2 + rowBytes
+        let mutable a0 = Vector256<float32>.Zero
+        let mutable a1 = Vector256<float32>.Zero
+        let mutable a2 = Vector256<float32>.Zero
+        let mutable a3 = Vector256<float32>.Zero
+        let vectorEnd = columns &&& ~~~7
+        let mutable k = 0
+        while k < vectorEnd do
+            let xs = x8 x k
+            let offset = nativeint (k * bytes)
+            a0 <- Fma.MultiplyAdd(load (w + offset), xs, a0)
+            a1 <- Fma.MultiplyAdd(load (w1 + offset), xs, a1)
+            a2 <- Fma.MultiplyAdd(load (w2 + offset), xs, a2)
+            a3 <- Fma.MultiplyAdd(load (w3 + offset), xs, a3)
+            k <- k + 8
+        let mutable s0 = Vector256.Sum a0
+        let mutable s1 = Vector256.Sum a1
+        let mutable s2 = Vector256.Sum a2
+        let mutable s3 = Vector256.Sum a3
+        while k < columns do
+            let xk = xAt x k
+            s0 <- s0 + scalar w k * xk
+            s1 <- s1 + scalar w1 k * xk
+            s2 <- s2 + scalar w2 k * xk
+            s3 <- s3 + scalar w3 k * xk
+            k <- k + 1
+        NativePtr.set results 0 s0
+        NativePtr.set results 1 s1
+        NativePtr.set results 2 s2
+        NativePtr.set results 3 s3
+
+    /// The dot product of one weight row with one activation row.
+    let inline dot1x1
+        ([<InlineIfLambda>] load: nativeint -> Vector256<float32>)
+        ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
+        (bytes: int) (w: nativeint) (x: nativeint) (columns: int) =
+        let mutable a0 = Vector256<float32>.Zero
+        let vectorEnd = columns &&& ~~~7
+        let mutable k = 0
+        while k < vectorEnd do
+            a0 <- Fma.MultiplyAdd(load (w + nativeint (k * bytes)), x8 x k, a0)
+            k <- k + 8
+        let mutable s0 = Vector256.Sum a0
+        while k < columns do
+            s0 <- s0 + scalar w k * xAt x k
+            k <- k + 1
+        s0
+
+    /// Dot products of 2 weight rows with 4 activation rows (x0..x3); results row-major [2][4].
+    let inline dot2x4
+        ([<InlineIfLambda>] load: nativeint -> Vector256<float32>)
+        ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
+        (bytes: int) (w: nativeint) (rowBytes: nativeint)
+        (x0: nativeint) (x1: nativeint) (x2: nativeint) (x3: nativeint) (columns: int)
+        (results: nativeptr<float32>) =
+        let w1 = w + rowBytes
+        let mutable a00 = Vector256<float32>.Zero
+        let mutable a01 = Vector256<float32>.Zero
+        let mutable a02 = Vector256<float32>.Zero
+        let mutable a03 = Vector256<float32>.Zero
+        let mutable a10 = Vector256<float32>.Zero
+        let mutable a11 = Vector256<float32>.Zero
+        let mutable a12 = Vector256<float32>.Zero
+        let mutable a13 = Vector256<float32>.Zero
+        let vectorEnd = columns &&& ~~~7
+        let mutable k = 0
+        while k < vectorEnd do
+            let offset = nativeint (k * bytes)
+            let v0 = load (w + offset)
+            let v1 = load (w1 + offset)
+            let y0 = x8 x0 k
+            let y1 = x8 x1 k
+            let y2 = x8 x2 k
+            let y3 = x8 x3 k
+            a00 <- Fma.MultiplyAdd(v0, y0, a00)
+            a01 <- Fma.MultiplyAdd(v0, y1, a01)
+            a02 <- Fma.MultiplyAdd(v0, y2, a02)
+            a03 <- Fma.MultiplyAdd(v0, y3, a03)
+            a10 <- Fma.MultiplyAdd(v1, y0, a10)
+            a11 <- Fma.MultiplyAdd(v1, y1, a11)
+            a12 <- Fma.MultiplyAdd(v1, y2, a12)
+            a13 <- Fma.MultiplyAdd(v1, y3, a13)
+            k <- k + 8
+        let mutable s00 = Vector256.Sum a00
+        let mutable s01 = Vector256.Sum a01
+        let mutable s02 = Vector256.Sum a02
+        let mutable s03 = Vector256.Sum a03
+        let mutable s10 = Vector256.Sum a10
+        let mutable s11 = Vector256.Sum a11
+        let mutable s12 = Vector256.Sum a12
+        let mutable s13 = Vector256.Sum a13
+        while k < columns do
+            let u0 = scalar w k
+            let u1 = scalar w1 k
+            let y0, y1, y2, y3 = xAt x0 k, xAt x1 k, xAt x2 k, xAt x3 k
+            s00 <- s00 + u0 * y0
+            s01 <- s01 + u0 * y1
+            s02 <- s02 + u0 * y2
+            s03 <- s03 + u0 * y3
+            s10 <- s10 + u1 * y0
+            s11 <- s11 + u1 * y1
+            s12 <- s12 + u1 * y2
+            s13 <- s13 + u1 * y3
+            k <- k + 1
+        NativePtr.set results 0 s00
+        NativePtr.set results 1 s01
+        NativePtr.set results 2 s02
+        NativePtr.set results 3 s03
+        NativePtr.set results 4 s10
+        NativePtr.set results 5 s11
+        NativePtr.set results 6 s12
+        NativePtr.set results 7 s13
+
+    /// Dot products of 1 weight row with 4 activation rows.
+    let inline dot1x4
+        ([<InlineIfLambda>] load: nativeint -> Vector256<float32>)
+        ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
+        (bytes: int) (w: nativeint) (x0: nativeint) (x1: nativeint) (x2: nativeint) (x3: nativeint) (columns: int)
+        (results: nativeptr<float32>) =
+        let mutable a0 = Vector256<float32>.Zero
+        let mutable a1 = Vector256<float32>.Zero
+        let mutable a2 = Vector256<float32>.Zero
+        let mutable a3 = Vector256<float32>.Zero
+        let vectorEnd = columns &&& ~~~7
+        let mutable k = 0
+        while k < vectorEnd do
+            let v = load (w + nativeint (k * bytes))
+            a0 <- Fma.MultiplyAdd(v, x8 x0 k, a0)
+            a1 <- Fma.MultiplyAdd(v, x8 x1 k, a1)
+            a2 <- Fma.MultiplyAdd(v, x8 x2 k, a2)
+            a3 <- Fma.MultiplyAdd(v, x8 x3 k, a3)
+            k <- k + 8
+        let mutable s0 = Vector256.Sum a0
+        let mutable s1 = Vector256.Sum a1
+        let mutable s2 = Vector256.Sum a2
+        let mutable s3 = Vector256.Sum a3
+        while k < columns do
+            let u = scalar w k
+            s0 <- s0 + u * xAt x0 k
+            s1 <- s1 + u * xAt x1 k
+            s2 <- s2 + u * xAt x2 k
+            s3 <- s3 + u * xAt x3 k
+            k <- k + 1
+        NativePtr.set results 0 s0
+        NativePtr.set results 1 s1
+        NativePtr.set results 2 s2
+        NativePtr.set results 3 s3
+
+/// The portable kernel: one weight row against one activation row with System.Numerics.Vector (whatever width the
+/// processor has); 16-bit weights are widened with the same bit operations as the AVX2 path.
+module internal PortableKernels =
+    let private f16Mask = Vector<int>(0x8FFFE000)
+    let private f16Scale = Vector<float32>(BitConverter.Int32BitsToSingle((112 + 127) <<< 23))
+
+    /// Widened halves of a vector of 16-bit weights: each value moved into the upper 16 bits of a 32-bit lane.
+    let inline private upperHalves (address: nativeint) =
+        let raw = NativePtr.read (NativePtr.ofNativeInt<Vector<uint16>> address)
+        let mutable low = Vector<uint32>.Zero
+        let mutable high = Vector<uint32>.Zero
+        Vector.Widen(raw, &low, &high)
+        Vector.AsVectorInt32(Vector.ShiftLeft(low, 16)), Vector.AsVectorInt32(Vector.ShiftLeft(high, 16))
+
+    let inline private fromHalf (upper: Vector<int>) =
+        Vector.AsVectorSingle(Vector.BitwiseAnd(Vector.ShiftRightArithmetic(upper, 3), f16Mask)) * f16Scale
+
+    let inline private xAt (x: nativeint) (k: int) = NativePtr.read (NativePtr.ofNativeInt<Vector<float32>> (x + nativeint (k * 4)))
+
+    /// The dot product of a weight row of `columns` elements of `dtype` at `w` with float32 activations at `x`.
+    let dot (dtype: Dtype) (w: nativeint) (x: nativeint) (columns: int) =
+        let width = Vector<float32>.Count
+        let mutable sum = Vector<float32>.Zero
+        let mutable k = 0
+        match dtype with
+        | Dtype.Float32 ->
+            while k + width <= columns do
+                sum <- sum + NativePtr.read (NativePtr.ofNativeInt<Vector<float32>> (w + nativeint (k * 4))) * xAt x k
+                k <- k + width
+        | Dtype.Float16
+        | Dtype.BFloat16 ->
+            let half = dtype = Dtype.Float16
+            while k + 2 * width <= columns do
+                let low, high = upperHalves (w + nativeint (k * 2))
+                let low, high =
+                    if half then fromHalf low, fromHalf high else Vector.AsVectorSingle low, Vector.AsVectorSingle high
+                sum <- sum + low * xAt x k + high * xAt x (k + width)
+                k <- k + 2 * width
+        let mutable total = Vector.Sum sum
+        while k < columns do
+            total <- total + Scalar.element dtype w k * NativePtr.get (NativePtr.ofNativeInt<float32> x) k
+            k <- k + 1
+        total
+
+/// y = W x + b for a block of activation rows (tokens) against a weight matrix in any Dtype, with the output rows
+/// shared out over a WorkerPool: the kernel of one-token generation, where every weight is read once per token and
+/// the speed is that of memory. One object serves every call (Set, then run it on a pool): no allocation per call.
+[<Sealed>]
+type MatVecJob(path: MatVecPath) =
+    inherit ParallelJob()
+    /// About this many weight bytes per chunk: small enough for both threads to stay busy to the end, large enough
+    /// that claiming a chunk (one atomic operation) costs nothing.
+    static let chunkBytes = 48 * 1024
+    let mutable matrix = Unchecked.defaultof<WeightMatrix>
+    let mutable bias = 0n
+    let mutable x = 0n
+    let mutable xStride = 0
+    let mutable tokens = 0
+    let mutable y = 0n
+    let mutable yStride = 0
+    let mutable epilogue = Epilogue.Store
+    let mutable rowsPerChunk = 4
+    let mutable chunks = 0
+
+    let finish (row: int) (token: int) (value: float32) =
+        let value = if bias = 0n then value else value + NativePtr.get (NativePtr.ofNativeInt<float32> bias) row
+        let target = NativePtr.add (NativePtr.ofNativeInt<float32> y) (token * yStride + row)
+        match epilogue with
+        | Epilogue.Store -> NativePtr.write target value
+        | Epilogue.Add -> NativePtr.write target (NativePtr.read target + value)
+        | Epilogue.Gelu -> NativePtr.write target (Scalar.gelu value)
+
+    let row (index: int) = matrix.Address + nativeint index * matrix.RowBytes
+    let token (index: int) = x + nativeint (index * xStride * 4)
+
+    let portable (first: int) (last: int) =
+        for r in first .. last - 1 do
+            for t in 0 .. tokens - 1 do
+                finish r t (PortableKernels.dot matrix.Dtype (row r) (token t) matrix.Columns)
+
+    /// Rows first .. last - 1 for one token, 4 at a time.
+    member inline private _.OneToken
+        ([<InlineIfLambda>] load: nativeint -> Vector256<float32>)
+        ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
+        (first: int) (last: int) (results: nativeptr<float32>) =
+        let bytes = matrix.Dtype.Bytes
+        let rowBytes = matrix.RowBytes
+        let columns = matrix.Columns
+        let x0 = token 0
+        let mutable r = first
+        while r + 4 <= last do
+            Avx2Kernels.dot4x1 load scalar bytes (row r) rowBytes x0 columns results
+            for i in 0 .. 3 do
+                finish (r + i) 0 (NativePtr.get results i)
+            r <- r + 4
+        while r < last do
+            finish r 0 (Avx2Kernels.dot1x1 load scalar bytes (row r) x0 columns)
+            r <- r + 1
+
+    /// Rows first .. last - 1 for every token: 2 rows × 4 tokens at a time (a last group of fewer tokens repeats its
+    /// last token; the repeats are not stored).
+    member inline private _.ManyTokens
+        ([<InlineIfLambda>] load: nativeint -> Vector256<float32>)
+        ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
+        (first: int) (last: int) (results: nativeptr<float32>) =
+        let bytes = matrix.Dtype.Bytes
+        let rowBytes = matrix.RowBytes
+        let columns = matrix.Columns
+        let mutable r = first
+        while r < last do
+            let pair = r + 1 < last
+            let mutable t = 0
+            while t < tokens do
+                let count = min 4 (tokens - t)
+                let at i = token (t + min i (count - 1))
+                if pair then
+                    Avx2Kernels.dot2x4 load scalar bytes (row r) rowBytes (at 0) (at 1) (at 2) (at 3) columns results
+                    for i in 0 .. count - 1 do
+                        finish r (t + i) (NativePtr.get results i)
+                        finish (r + 1) (t + i) (NativePtr.get results (4 + i))
+                else
+                    Avx2Kernels.dot1x4 load scalar bytes (row r) (at 0) (at 1) (at 2) (at 3) columns results
+                    for i in 0 .. count - 1 do
+                        finish r (t + i) (NativePtr.get results i)
+                t <- t + 4
+            r <- r + (if pair then 2 else 1)
+
+    member private this.Avx2(first: int, last: int) =
+        let results = NativePtr.stackalloc<float32> 8
+        match matrix.Dtype, tokens with
+        | Dtype.Float32, 1 -> this.OneToken Avx2Kernels.loadF32 Avx2Kernels.scalarF32 first last results
+        | Dtype.Float32, _ -> this.ManyTokens Avx2Kernels.loadF32 Avx2Kernels.scalarF32 first last results
+        | Dtype.BFloat16, 1 -> this.OneToken Avx2Kernels.loadBF16 Avx2Kernels.scalarBF16 first last results
+        | Dtype.BFloat16, _ -> this.ManyTokens Avx2Kernels.loadBF16 Avx2Kernels.scalarBF16 first last results
+        | Dtype.Float16, 1 ->
+            let mask, scale = Avx2Kernels.f16Mask (), Avx2Kernels.f16Scale ()
+            this.OneToken (Avx2Kernels.loadF16 mask scale) Avx2Kernels.scalarF16 first last results
+        | Dtype.Float16, _ ->
+            let mask, scale = Avx2Kernels.f16Mask (), Avx2Kernels.f16Scale ()
+            this.ManyTokens (Avx2Kernels.loadF16 mask scale) Avx2Kernels.scalarF16 first last results
+
+    /// The instructions this job uses.
+    member _.Path = path
+
+    /// Number of chunks of the product last set.
+    member _.Chunks = chunks
+
+    /// Sets the next product: for t < tokens and r < matrix.Rows, z = Σ_k W[r, k] · x[t·xStride + k] + bias[r]
+    /// (bias: float32 [Rows], or 0n for none), written to y[t·yStride + r] as the epilogue says. x and y are float32.
+    member _.Set(weights: WeightMatrix, biasAddress: nativeint, input: nativeint, inputStride: int, tokenCount: int,
+                 output: nativeint, outputStride: int, finishing: Epilogue) =
+        if tokenCount < 1 then invalidArg (nameof tokenCount) (sprintf "at least one token, found %d" tokenCount)
+        if inputStride < weights.Columns || outputStride < weights.Rows && tokenCount > 1 then
+            invalidArg (nameof inputStride) (sprintf "strides %d and %d do not fit a [%d, %d] matrix" inputStride outputStride weights.Rows weights.Columns)
+        matrix <- weights
+        bias <- biasAddress
+        x <- input
+        xStride <- inputStride
+        tokens <- tokenCount
+        y <- output
+        yStride <- outputStride
+        epilogue <- finishing
+        let rowBytes = int weights.RowBytes
+        rowsPerChunk <- max 4 ((chunkBytes / max 1 rowBytes) &&& ~~~3)
+        chunks <- (weights.Rows + rowsPerChunk - 1) / rowsPerChunk
+
+    override this.Execute(chunk: int) =
+        let first = chunk * rowsPerChunk
+        let last = min matrix.Rows (first + rowsPerChunk)
+        match path with
+        | MatVecPath.Avx2 -> this.Avx2(first, last)
+        | MatVecPath.Portable -> portable first last
+
+/// Matrix-vector products for generation (MatVecJob).
+[<RequireQualifiedAccess>]
+module MatVec =
+    /// The fastest path this processor supports.
+    let best = if Avx2.IsSupported && Fma.IsSupported then MatVecPath.Avx2 else MatVecPath.Portable
+
+    /// Whether a path can run on this processor.
+    let supported (path: MatVecPath) =
+        match path with
+        | MatVecPath.Avx2 -> Avx2.IsSupported && Fma.IsSupported
+        | MatVecPath.Portable -> true
+
+    /// One product on a pool (allocates a job: for repeated calls, keep a MatVecJob).
+    let multiply (pool: WorkerPool) (path: MatVecPath) (weights: WeightMatrix) (bias: nativeint) (x: nativeint) (tokens: int) (y: nativeint) (epilogue: Epilogue) =
+        if not (supported path) then Gpt.Errors.fail "the %A matrix-vector path needs instructions this processor lacks" path
+        let job = MatVecJob(path)
+        job.Set(weights, bias, x, weights.Columns, tokens, y, weights.Rows, epilogue)
+        if isNull pool then
+            for chunk in 0 .. job.Chunks - 1 do
+                job.Execute chunk
+        else pool.Run(job, job.Chunks)
