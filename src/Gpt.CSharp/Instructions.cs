@@ -146,8 +146,8 @@ public sealed class InstructionModel : IDisposable
     /// <summary>The response to an instruction (greedy and at most 256 tokens unless the settings say otherwise; stops at
     /// end-of-text).</summary>
     public string Respond(InstructionEntry entry, GenerationSettings? settings = null) =>
-        FInstruction.respond(_model.Inner, Tokenizer.Gpt2.Inner, ToFSharp(Style), Settings(settings).ToFSharp(),
-            (entry ?? throw new ArgumentNullException(nameof(entry))).ToFSharp());
+        // FInstruction.respond's steps (prompt, generation, extraction) through the model, so that the settings' dtype applies.
+        InstructionData.response(ToFSharp(Style), _model.Generate(Prompt(entry ?? throw new ArgumentNullException(nameof(entry))), Settings(settings)).Text);
 
     /// <summary>The response computed off the caller's thread (generation never runs on the caller's synchronisation
     /// context).</summary>
