@@ -178,6 +178,26 @@ type private CountingJob(chunks: int, failAt: int) =
         Interlocked.Increment(&counts[chunk]) |> ignore
         if chunk = failAt then failwith "chunk failed on purpose"
 
+/// A speculative job whose chunks add their number to a shared total in Commit; Compute sleeps now and then on a
+/// worker thread, as a worker that lost its core would, so that the caller takes chunks over.
+type private SlowSpeculativeJob(chunks: int) =
+    inherit ParallelJob()
+    let commits = Array.zeroCreate<int> chunks
+    let mutable total = 0L
+    member _.Commits = commits
+    member _.Total = total
+    override _.Speculative = true
+    override _.ScratchBytes = 8
+    override _.Compute(chunk: int, scratch: nativeint, pool: WorkerPool, generation: int) =
+        if not (isNull pool) && not (pool.IsCurrent generation) then false
+        else
+            if chunk % 7 = 3 && Thread.CurrentThread.Name <> null && Thread.CurrentThread.Name.StartsWith "gpt-decode" then Thread.Sleep 2
+            NativePtr.write (NativePtr.ofNativeInt<int64> scratch) (int64 chunk)
+            true
+    override _.Commit(chunk: int, scratch: nativeint) =
+        Interlocked.Increment(&commits[chunk]) |> ignore
+        Interlocked.Add(&total, NativePtr.read (NativePtr.ofNativeInt<int64> scratch)) |> ignore
+
 [<Tests>]
 let poolTests =
     testList "decoder: worker pool" [
@@ -194,6 +214,16 @@ let poolTests =
                                 if job.Counts |> Array.exists (fun c -> c <> 1) then
                                     failwithf "%d workers, caller %d, run %d: counts %A" workers caller run job.Counts))
                 Tasks.Task.WaitAll callers
+
+        testCase "speculative chunks commit exactly once, also when a worker stalls and the caller takes over" <| fun () ->
+            let pool = new WorkerPool(2)
+            for run in 1 .. 200 do
+                let chunks = 1 + run % 37
+                let job = SlowSpeculativeJob(chunks)
+                pool.Run(job, chunks)
+                if job.Commits |> Array.exists (fun c -> c <> 1) then failwithf "run %d: commits %A" run job.Commits
+                Expect.equal job.Total (int64 (chunks * (chunks - 1) / 2)) (sprintf "run %d: every chunk's result once" run)
+            pool.WaitIdle()
 
         testCase "a failing chunk fails the run after the others have finished" <| fun () ->
             let pool = new WorkerPool(1)

@@ -107,64 +107,83 @@ module internal Rows =
             put target k (at target k + scale * at source k)
             k <- k + 1
 
-/// Attention of a chunk of new tokens, one (sequence, head) pair per chunk of parallel work: the pair's new keys and
-/// values are written into the cache first, then each new query attends to every cached position up to its own.
+/// Attention of a chunk of new tokens, one (sequence, head) pair per chunk of parallel work: each new query attends
+/// to every cached position up to its own (the new keys and values are in the cache already). Speculative
+/// (ParallelJob): a pair's outputs are computed into scratch, then committed.
 [<Sealed>]
 type internal AttentionJob() =
     inherit ParallelJob()
     [<ThreadStatic; DefaultValue>]
     static val mutable private scores: float32[]
-    member val Qkv = 0n with get, set
-    member val Output = 0n with get, set
-    member val Keys = 0n with get, set
-    member val Values = 0n with get, set
-    /// New tokens per sequence in this chunk; row b·Fresh + i of Qkv/Output is token i of sequence b.
-    member val Fresh = 0 with get, set
-    /// The position of each sequence's first new token.
-    member val Start = 0 with get, set
-    member val Heads = 0 with get, set
-    member val HeadDim = 0 with get, set
-    member val ContextLength = 0 with get, set
+    let mutable qkv = 0n
+    let mutable output = 0n
+    let mutable keys = 0n
+    let mutable values = 0n
+    let mutable fresh = 0
+    let mutable start = 0
+    let mutable heads = 0
+    let mutable headDim = 0
+    let mutable contextLength = 0
 
-    override this.Execute(chunk: int) =
-        let heads, headDim, fresh = this.Heads, this.HeadDim, this.Fresh
+    /// The next chunk of attention: rows b·fresh + i of `qkvRows` (B·fresh, 3C) and `outputRows` (B·fresh, C) are new
+    /// token i of sequence b, at position start + i; the cache buffers are (B, nh, ContextLength, hs).
+    member _.Set(qkvRows: nativeint, outputRows: nativeint, keyCache: nativeint, valueCache: nativeint, freshTokens: int,
+                 firstPosition: int, headCount: int, headSize: int, positions: int) =
+        qkv <- qkvRows
+        output <- outputRows
+        keys <- keyCache
+        values <- valueCache
+        fresh <- freshTokens
+        start <- firstPosition
+        heads <- headCount
+        headDim <- headSize
+        contextLength <- positions
+
+    override _.Speculative = true
+    override _.ScratchBytes = fresh * headDim * 4
+
+    override _.Compute(chunk: int, scratch: nativeint, pool: WorkerPool, generation: int) =
+        // copies of the parameters, checked below, then used alone
+        let qkv, keys, values, fresh, start, heads, headDim, contextLength = qkv, keys, values, fresh, start, heads, headDim, contextLength
+        if not (isNull pool) && not (pool.IsCurrent generation) then false
+        else
+            let embedding = heads * headDim
+            let sequence, head = chunk / heads, chunk % heads
+            let pairOffset = ((sequence * heads + head) * contextLength) * headDim // (B, nh, ContextLength, hs)
+            let keys = Rows.offset keys pairOffset
+            let values = Rows.offset values pairOffset
+            let scale = 1.0f / MathF.Sqrt(float32 headDim)
+            if isNull AttentionJob.scores || AttentionJob.scores.Length < contextLength then
+                AttentionJob.scores <- Array.zeroCreate contextLength
+            let scores = AttentionJob.scores
+            for i in 0 .. fresh - 1 do
+                let query = Rows.offset qkv ((sequence * fresh + i) * 3 * embedding + head * headDim)
+                let result = Rows.offset scratch (i * headDim)
+                let visible = start + i + 1 // positions 0 .. start + i
+                let mutable largest = Single.NegativeInfinity
+                for j in 0 .. visible - 1 do
+                    let s = Rows.dot query (Rows.offset keys (j * headDim)) headDim * scale
+                    scores[j] <- s
+                    if s > largest then largest <- s
+                let mutable total = 0.0f
+                for j in 0 .. visible - 1 do
+                    let e = MathF.Exp(scores[j] - largest)
+                    scores[j] <- e
+                    total <- total + e
+                for k in 0 .. headDim - 1 do
+                    Rows.put result k 0.0f
+                let inverse = 1.0f / total
+                for j in 0 .. visible - 1 do
+                    Rows.addScaled result (scores[j] * inverse) (Rows.offset values (j * headDim)) headDim
+            true
+
+    override _.Commit(chunk: int, scratch: nativeint) =
         let embedding = heads * headDim
         let sequence, head = chunk / heads, chunk % heads
-        // (B, nh, ContextLength, hs): this pair's keys start here
-        let pairOffset = ((sequence * heads + head) * this.ContextLength) * headDim
-        let keys = Rows.offset this.Keys pairOffset
-        let values = Rows.offset this.Values pairOffset
         for i in 0 .. fresh - 1 do
-            let row = Rows.offset this.Qkv ((sequence * fresh + i) * 3 * embedding)
-            let position = this.Start + i
-            Buffer.MemoryCopy(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (Rows.offset row (embedding + head * headDim))),
-                              NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (Rows.offset keys (position * headDim))), int64 headDim * 4L, int64 headDim * 4L)
-            Buffer.MemoryCopy(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (Rows.offset row (2 * embedding + head * headDim))),
-                              NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (Rows.offset values (position * headDim))), int64 headDim * 4L, int64 headDim * 4L)
-        let scale = 1.0f / MathF.Sqrt(float32 headDim)
-        if isNull AttentionJob.scores || AttentionJob.scores.Length < this.ContextLength then
-            AttentionJob.scores <- Array.zeroCreate this.ContextLength
-        let scores = AttentionJob.scores
-        for i in 0 .. fresh - 1 do
-            let row = sequence * fresh + i
-            let query = Rows.offset this.Qkv (row * 3 * embedding + head * headDim)
-            let output = Rows.offset this.Output (row * embedding + head * headDim)
-            let visible = this.Start + i + 1 // positions 0 .. Start + i
-            let mutable largest = Single.NegativeInfinity
-            for j in 0 .. visible - 1 do
-                let s = Rows.dot query (Rows.offset keys (j * headDim)) headDim * scale
-                scores[j] <- s
-                if s > largest then largest <- s
-            let mutable total = 0.0f
-            for j in 0 .. visible - 1 do
-                let e = MathF.Exp(scores[j] - largest)
-                scores[j] <- e
-                total <- total + e
-            for k in 0 .. headDim - 1 do
-                Rows.put output k 0.0f
-            let inverse = 1.0f / total
-            for j in 0 .. visible - 1 do
-                Rows.addScaled output (scores[j] * inverse) (Rows.offset values (j * headDim)) headDim
+            let target = Rows.offset output ((sequence * fresh + i) * embedding + head * headDim)
+            Buffer.MemoryCopy(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (Rows.offset scratch (i * headDim))),
+                              NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> target), int64 headDim * 4L, int64 headDim * 4L)
 
 /// The weights of a GPT model laid out for the decoder: float32 weights are read where the model keeps them (views
 /// that share its memory); float16 and bfloat16 are copies made once, with any low-rank adapter merged in first.
@@ -209,6 +228,8 @@ type DecoderWeights
         member _.Dispose() =
             if not disposed then
                 disposed <- true
+                // A worker that lost its core may still be reading these weights for a decoder's speculative product.
+                if WorkerPool.Shared.IsValueCreated then WorkerPool.Shared.Value.WaitIdle()
                 for tensor in owned do
                     tensor.Dispose()
 
@@ -315,6 +336,7 @@ type DecoderState(weights: DecoderWeights, batchSize: int, pool: WorkerPool, pat
     do
         if isNull (box weights) then nullArg "weights"
         if batchSize < 1 then Errors.fail "batch size must be positive, found %d" batchSize
+        if isNull pool then nullArg "pool"
         if not (MatVec.supported path) then Errors.fail "the %A path needs instructions this processor lacks" path
     let config = weights.Config
     let embedding = config.EmbeddingDim
@@ -332,8 +354,8 @@ type DecoderState(weights: DecoderWeights, batchSize: int, pool: WorkerPool, pat
     let attended = new NativeBuffer(floatBytes (int64 maxRows * int64 embedding))
     let hidden = new NativeBuffer(floatBytes (int64 maxRows * 4L * int64 embedding))
     let lastRows = new NativeBuffer(floatBytes (int64 batchSize * int64 embedding))
-    let product = MatVecJob(path)
-    let attention = AttentionJob(Heads = heads, HeadDim = headDim, ContextLength = config.ContextLength)
+    let product = MatVecJob(path, true)
+    let attention = AttentionJob()
     let mutable length = 0
     let mutable disposed = false
 
@@ -363,12 +385,18 @@ type DecoderState(weights: DecoderWeights, batchSize: int, pool: WorkerPool, pat
         let rows = batchSize * fresh
         normalise p.AttentionNorm rows
         multiply p.Qkv normed.Address rows qkv.Address Epilogue.Store
-        attention.Qkv <- qkv.Address
-        attention.Output <- attended.Address
-        attention.Keys <- keys[layer].Address
-        attention.Values <- values[layer].Address
-        attention.Fresh <- fresh
-        attention.Start <- start
+        // the new keys and values into the cache, here rather than in the parallel attention (whose chunks may run twice)
+        for b in 0 .. batchSize - 1 do
+            for i in 0 .. fresh - 1 do
+                let row = Rows.offset qkv.Address ((b * fresh + i) * 3 * embedding)
+                for head in 0 .. heads - 1 do
+                    let slot = ((b * heads + head) * config.ContextLength + start + i) * headDim
+                    let bytes = int64 headDim * 4L
+                    Buffer.MemoryCopy(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (Rows.offset row (embedding + head * headDim))),
+                                      NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (Rows.offset keys[layer].Address slot)), bytes, bytes)
+                    Buffer.MemoryCopy(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (Rows.offset row (2 * embedding + head * headDim))),
+                                      NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (Rows.offset values[layer].Address slot)), bytes, bytes)
+        attention.Set(qkv.Address, attended.Address, keys[layer].Address, values[layer].Address, fresh, start, heads, headDim, config.ContextLength)
         pool.Run(attention, batchSize * heads)
         multiply p.Projection attended.Address rows residual.Address Epilogue.Add
         normalise p.MlpNorm rows
@@ -425,6 +453,7 @@ type DecoderState(weights: DecoderWeights, batchSize: int, pool: WorkerPool, pat
         member _.Dispose() =
             if not disposed then
                 disposed <- true
+                pool.WaitIdle() // a worker that lost its core may still be reading these buffers
                 for buffer in Array.concat [ keys; values; [| residual; normed; qkv; attended; hidden; lastRows |] ] do
                     (buffer :> IDisposable).Dispose()
 

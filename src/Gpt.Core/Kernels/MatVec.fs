@@ -353,102 +353,125 @@ module internal PortableKernels =
             k <- k + 1
         total
 
-/// y = W x + b for a block of activation rows (tokens) against a weight matrix in any Dtype, with the output rows
-/// shared out over a WorkerPool: the kernel of one-token generation, where every weight is read once per token and
-/// the speed is that of memory. One object serves every call (Set, then run it on a pool): no allocation per call.
-[<Sealed>]
-type MatVecJob(path: MatVecPath) =
-    inherit ParallelJob()
-    /// About this many weight bytes per chunk: small enough for both threads to stay busy to the end, large enough
-    /// that claiming a chunk (one atomic operation) costs nothing.
-    static let chunkBytes = 48 * 1024
-    let mutable matrix = Unchecked.defaultof<WeightMatrix>
-    let mutable bias = 0n
-    let mutable x = 0n
-    let mutable xStride = 0
-    let mutable tokens = 0
-    let mutable y = 0n
-    let mutable yStride = 0
-    let mutable epilogue = Epilogue.Store
-    let mutable rowsPerChunk = 4
-    let mutable chunks = 0
+/// One product's parameters: for t < Tokens and r < Matrix.Rows, z = Σ_k W[r, k] · X[t·XStride + k] + Bias[r] goes to
+/// Y[t·YStride + r] as Epilogue says.
+[<Struct>]
+type internal Product =
+    { Matrix: WeightMatrix
+      Bias: nativeint
+      X: nativeint
+      XStride: int
+      Tokens: int
+      Y: nativeint
+      YStride: int
+      Epilogue: Epilogue
+      RowsPerChunk: int }
 
-    let finish (row: int) (token: int) (value: float32) =
-        let value = if bias = 0n then value else value + NativePtr.get (NativePtr.ofNativeInt<float32> bias) row
-        let target = NativePtr.add (NativePtr.ofNativeInt<float32> y) (token * yStride + row)
-        match epilogue with
-        | Epilogue.Store -> NativePtr.write target value
-        | Epilogue.Add -> NativePtr.write target (NativePtr.read target + value)
-        | Epilogue.Gelu -> NativePtr.write target (Scalar.gelu value)
+/// The loops around the kernels: rows first .. last - 1 of a product, each dot product handed to `emit row token value`.
+module internal Products =
+    let inline row (p: Product) (index: int) = p.Matrix.Address + nativeint index * p.Matrix.RowBytes
+    let inline token (p: Product) (index: int) = p.X + nativeint (index * p.XStride * 4)
 
-    let row (index: int) = matrix.Address + nativeint index * matrix.RowBytes
-    let token (index: int) = x + nativeint (index * xStride * 4)
-
-    let portable (first: int) (last: int) =
-        for r in first .. last - 1 do
-            for t in 0 .. tokens - 1 do
-                finish r t (PortableKernels.dot matrix.Dtype (row r) (token t) matrix.Columns)
-
-    /// Rows first .. last - 1 for one token, 4 at a time.
-    member inline private _.OneToken
+    /// One token, 4 rows at a time.
+    let inline oneToken
         ([<InlineIfLambda>] load: nativeint -> Vector256<float32>)
         ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
-        (first: int) (last: int) (results: nativeptr<float32>) =
-        let bytes = matrix.Dtype.Bytes
-        let rowBytes = matrix.RowBytes
-        let columns = matrix.Columns
-        let x0 = token 0
+        ([<InlineIfLambda>] emit: int -> int -> float32 -> unit)
+        (p: Product) (first: int) (last: int) (results: nativeptr<float32>) =
+        let bytes = p.Matrix.Dtype.Bytes
+        let rowBytes = p.Matrix.RowBytes
+        let columns = p.Matrix.Columns
+        let x0 = token p 0
         let mutable r = first
         while r + 4 <= last do
-            Avx2Kernels.dot4x1 load scalar bytes (row r) rowBytes x0 columns results
-            for i in 0 .. 3 do
-                finish (r + i) 0 (NativePtr.get results i)
+            Avx2Kernels.dot4x1 load scalar bytes (row p r) rowBytes x0 columns results
+            emit r 0 (NativePtr.get results 0)
+            emit (r + 1) 0 (NativePtr.get results 1)
+            emit (r + 2) 0 (NativePtr.get results 2)
+            emit (r + 3) 0 (NativePtr.get results 3)
             r <- r + 4
         while r < last do
-            finish r 0 (Avx2Kernels.dot1x1 load scalar bytes (row r) x0 columns)
+            emit r 0 (Avx2Kernels.dot1x1 load scalar bytes (row p r) x0 columns)
             r <- r + 1
 
-    /// Rows first .. last - 1 for every token: 2 rows × 4 tokens at a time (a last group of fewer tokens repeats its
-    /// last token; the repeats are not stored).
-    member inline private _.ManyTokens
+    /// Every token: 2 rows × 4 tokens at a time (a last group of fewer tokens repeats its last token; the repeats are
+    /// not emitted).
+    let inline manyTokens
         ([<InlineIfLambda>] load: nativeint -> Vector256<float32>)
         ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
-        (first: int) (last: int) (results: nativeptr<float32>) =
-        let bytes = matrix.Dtype.Bytes
-        let rowBytes = matrix.RowBytes
-        let columns = matrix.Columns
+        ([<InlineIfLambda>] emit: int -> int -> float32 -> unit)
+        (p: Product) (first: int) (last: int) (results: nativeptr<float32>) =
+        let bytes = p.Matrix.Dtype.Bytes
+        let rowBytes = p.Matrix.RowBytes
+        let columns = p.Matrix.Columns
+        let tokens = p.Tokens
         let mutable r = first
         while r < last do
             let pair = r + 1 < last
             let mutable t = 0
             while t < tokens do
                 let count = min 4 (tokens - t)
-                let at i = token (t + min i (count - 1))
+                let x0 = token p t
+                let x1 = token p (t + min 1 (count - 1))
+                let x2 = token p (t + min 2 (count - 1))
+                let x3 = token p (t + min 3 (count - 1))
                 if pair then
-                    Avx2Kernels.dot2x4 load scalar bytes (row r) rowBytes (at 0) (at 1) (at 2) (at 3) columns results
+                    Avx2Kernels.dot2x4 load scalar bytes (row p r) rowBytes x0 x1 x2 x3 columns results
                     for i in 0 .. count - 1 do
-                        finish r (t + i) (NativePtr.get results i)
-                        finish (r + 1) (t + i) (NativePtr.get results (4 + i))
+                        emit r (t + i) (NativePtr.get results i)
+                        emit (r + 1) (t + i) (NativePtr.get results (4 + i))
                 else
-                    Avx2Kernels.dot1x4 load scalar bytes (row r) (at 0) (at 1) (at 2) (at 3) columns results
+                    Avx2Kernels.dot1x4 load scalar bytes (row p r) x0 x1 x2 x3 columns results
                     for i in 0 .. count - 1 do
-                        finish r (t + i) (NativePtr.get results i)
+                        emit r (t + i) (NativePtr.get results i)
                 t <- t + 4
             r <- r + (if pair then 2 else 1)
 
-    member private this.Avx2(first: int, last: int) =
+    let inline avx2 ([<InlineIfLambda>] emit: int -> int -> float32 -> unit) (p: Product) (first: int) (last: int) =
         let results = NativePtr.stackalloc<float32> 8
-        match matrix.Dtype, tokens with
-        | Dtype.Float32, 1 -> this.OneToken Avx2Kernels.loadF32 Avx2Kernels.scalarF32 first last results
-        | Dtype.Float32, _ -> this.ManyTokens Avx2Kernels.loadF32 Avx2Kernels.scalarF32 first last results
-        | Dtype.BFloat16, 1 -> this.OneToken Avx2Kernels.loadBF16 Avx2Kernels.scalarBF16 first last results
-        | Dtype.BFloat16, _ -> this.ManyTokens Avx2Kernels.loadBF16 Avx2Kernels.scalarBF16 first last results
+        match p.Matrix.Dtype, p.Tokens with
+        | Dtype.Float32, 1 -> oneToken Avx2Kernels.loadF32 Avx2Kernels.scalarF32 emit p first last results
+        | Dtype.Float32, _ -> manyTokens Avx2Kernels.loadF32 Avx2Kernels.scalarF32 emit p first last results
+        | Dtype.BFloat16, 1 -> oneToken Avx2Kernels.loadBF16 Avx2Kernels.scalarBF16 emit p first last results
+        | Dtype.BFloat16, _ -> manyTokens Avx2Kernels.loadBF16 Avx2Kernels.scalarBF16 emit p first last results
         | Dtype.Float16, 1 ->
             let mask, scale = Avx2Kernels.f16Mask (), Avx2Kernels.f16Scale ()
-            this.OneToken (Avx2Kernels.loadF16 mask scale) Avx2Kernels.scalarF16 first last results
+            oneToken (Avx2Kernels.loadF16 mask scale) Avx2Kernels.scalarF16 emit p first last results
         | Dtype.Float16, _ ->
             let mask, scale = Avx2Kernels.f16Mask (), Avx2Kernels.f16Scale ()
-            this.ManyTokens (Avx2Kernels.loadF16 mask scale) Avx2Kernels.scalarF16 first last results
+            manyTokens (Avx2Kernels.loadF16 mask scale) Avx2Kernels.scalarF16 emit p first last results
+
+    let inline portable ([<InlineIfLambda>] emit: int -> int -> float32 -> unit) (p: Product) (first: int) (last: int) =
+        for r in first .. last - 1 do
+            for t in 0 .. p.Tokens - 1 do
+                emit r t (PortableKernels.dot p.Matrix.Dtype (row p r) (token p t) p.Matrix.Columns)
+
+    /// Bias and epilogue: the value z of row r for token t, finished and written to Y.
+    let finish (p: Product) (r: int) (t: int) (value: float32) =
+        let value = if p.Bias = 0n then value else value + NativePtr.get (NativePtr.ofNativeInt<float32> p.Bias) r
+        let target = NativePtr.add (NativePtr.ofNativeInt<float32> p.Y) (t * p.YStride + r)
+        match p.Epilogue with
+        | Epilogue.Store -> NativePtr.write target value
+        | Epilogue.Add -> NativePtr.write target (NativePtr.read target + value)
+        | Epilogue.Gelu -> NativePtr.write target (Scalar.gelu value)
+
+/// y = W x + b for a block of activation rows (tokens) against a weight matrix in any Dtype, with the output rows
+/// shared out over a WorkerPool: the kernel of one-token generation, where every weight is read once per token and
+/// the speed is that of memory. One object serves every call (Set, then run it on a pool): no allocation per call.
+/// A speculative job (the decoder's) computes each chunk into scratch and writes it out in Commit (ParallelJob): its
+/// inputs must stay alive until pool.WaitIdle(); a plain one (the default) writes as it goes.
+[<Sealed>]
+type MatVecJob(path: MatVecPath, speculative: bool) =
+    inherit ParallelJob()
+    /// About this many weight bytes per chunk: small enough for both threads to stay busy to the end, large enough
+    /// that claiming a chunk (one atomic operation) costs nothing.
+    static let chunkBytes = 48 * 1024
+    let mutable product = Unchecked.defaultof<Product>
+    let mutable chunks = 0
+
+    let range (p: Product) (chunk: int) = chunk * p.RowsPerChunk, min p.Matrix.Rows ((chunk + 1) * p.RowsPerChunk)
+
+    new(path: MatVecPath) = MatVecJob(path, false)
 
     /// The instructions this job uses.
     member _.Path = path
@@ -463,24 +486,43 @@ type MatVecJob(path: MatVecPath) =
         if tokenCount < 1 then invalidArg (nameof tokenCount) (sprintf "at least one token, found %d" tokenCount)
         if inputStride < weights.Columns || outputStride < weights.Rows && tokenCount > 1 then
             invalidArg (nameof inputStride) (sprintf "strides %d and %d do not fit a [%d, %d] matrix" inputStride outputStride weights.Rows weights.Columns)
-        matrix <- weights
-        bias <- biasAddress
-        x <- input
-        xStride <- inputStride
-        tokens <- tokenCount
-        y <- output
-        yStride <- outputStride
-        epilogue <- finishing
         let rowBytes = int weights.RowBytes
-        rowsPerChunk <- max 4 ((chunkBytes / max 1 rowBytes) &&& ~~~3)
+        let rowsPerChunk = max 4 ((chunkBytes / max 1 rowBytes) &&& ~~~3)
+        product <-
+            { Matrix = weights; Bias = biasAddress; X = input; XStride = inputStride; Tokens = tokenCount
+              Y = output; YStride = outputStride; Epilogue = finishing; RowsPerChunk = rowsPerChunk }
         chunks <- (weights.Rows + rowsPerChunk - 1) / rowsPerChunk
 
-    override this.Execute(chunk: int) =
-        let first = chunk * rowsPerChunk
-        let last = min matrix.Rows (first + rowsPerChunk)
+    override _.Speculative = speculative
+
+    override _.ScratchBytes = product.RowsPerChunk * product.Tokens * 4
+
+    override _.Execute(chunk: int) =
+        let p = product
+        let first, last = range p chunk
         match path with
-        | MatVecPath.Avx2 -> this.Avx2(first, last)
-        | MatVecPath.Portable -> portable first last
+        | MatVecPath.Avx2 -> Products.avx2 (fun r t value -> Products.finish p r t value) p first last
+        | MatVecPath.Portable -> Products.portable (fun r t value -> Products.finish p r t value) p first last
+
+    override _.Compute(chunk: int, scratch: nativeint, pool: WorkerPool, generation: int) =
+        let p = product // a copy: checked below, then used alone
+        if not (isNull pool) && not (pool.IsCurrent generation) then false
+        else
+            let first, last = range p chunk
+            let results = NativePtr.ofNativeInt<float32> scratch
+            let tokens = p.Tokens
+            match path with
+            | MatVecPath.Avx2 -> Products.avx2 (fun r t value -> NativePtr.set results ((r - first) * tokens + t) value) p first last
+            | MatVecPath.Portable -> Products.portable (fun r t value -> NativePtr.set results ((r - first) * tokens + t) value) p first last
+            true
+
+    override _.Commit(chunk: int, scratch: nativeint) =
+        let p = product
+        let first, last = range p chunk
+        let results = NativePtr.ofNativeInt<float32> scratch
+        for r in first .. last - 1 do
+            for t in 0 .. p.Tokens - 1 do
+                Products.finish p r t (NativePtr.get results ((r - first) * p.Tokens + t))
 
 /// Matrix-vector products for generation (MatVecJob).
 [<RequireQualifiedAccess>]
