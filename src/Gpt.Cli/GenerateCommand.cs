@@ -107,6 +107,7 @@ internal static class GenerateCommand
                 ["runs"] = t.RunTokensPerSecond.Length, ["tensors_per_token"] = Math.Round(t.TensorsPerToken, 1),
                 ["run_tokens_per_s"] = new JsonArray(t.RunTokensPerSecond.Select(r => (JsonNode?)Math.Round(r, 2)).ToArray()),
             };
+            var (parallelBefore, serialBefore) = Decoder.stepCounts();
             JsonObject result;
             double decodeStepsPerSecond;
             if (parse.GetValue(compare))
@@ -125,6 +126,11 @@ internal static class GenerateCommand
                 result = Figures(t);
                 decodeStepsPerSecond = t.DecodeTokensPerSecond / t.BatchSize;
             }
+            var (parallelAfter, serialAfter) = Decoder.stepCounts();
+            var decoderSteps = parallelAfter - parallelBefore + serialAfter - serialBefore;
+            // The decoder times its steps on the worker pool and on one thread and takes the faster (it depends on how
+            // busy the machine is): the share of steps that ran on the pool.
+            if (decoderSteps > 0) result["parallel_steps_fraction"] = Math.Round((double)(parallelAfter - parallelBefore) / decoderSteps, 3);
             var gigabytesPerSecond = parse.GetValue(bandwidth) ?? MachineBench.bandwidthGbps(256, 5);
             result["dtype"] = weights.Name;
             result["path"] = torch ? "torch" : "decoder";

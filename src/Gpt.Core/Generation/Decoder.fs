@@ -328,6 +328,47 @@ module DecoderWeights =
         use scope = torch.NewDisposeScope() // model.Params makes tensor handles
         create model.Config model.Params dtype
 
+/// Whether a decoder's steps run on the worker pool or on the calling thread alone, chosen by measuring both. Why: a
+/// token's step reads every weight once, and on this project's machine one core alone reads ~20 GB/s, near the
+/// memory's limit; a second thread adds bandwidth only while it has a core to itself. When other processes keep the
+/// cores busy (a shared machine), the two threads keep waiting for each other and a step took 1.3–1.5 times as long
+/// as on one thread. So each kind of step (one token per sequence, or a prompt) is timed both ways, the faster way is
+/// used, and every 16th step tries the other way again. Results do not depend on the way (each output row is the
+/// same dot product either way). Kept per model shape, dtype, batch size and kind, for the whole process.
+[<Sealed>]
+type internal Parallelism() =
+    static let known = Collections.Concurrent.ConcurrentDictionary<struct (int * int * int * int * Dtype * int * bool), Parallelism>()
+    static let mutable parallelTotal = 0L
+    static let mutable serialTotal = 0L
+    let mutable parallelSeconds = nan
+    let mutable serialSeconds = nan
+    let mutable calls = 0
+
+    /// Whether the next step should run on the pool.
+    member _.UseParallel() =
+        calls <- calls + 1
+        if Double.IsNaN parallelSeconds then true
+        elif Double.IsNaN serialSeconds then false
+        else
+            let faster = parallelSeconds <= serialSeconds
+            if calls % 16 = 0 then not faster else faster
+
+    /// A step's time (seconds per token row), folded into the running average of its way.
+    member _.Record(onPool: bool, seconds: float) =
+        if onPool then Threading.Interlocked.Increment(&parallelTotal) |> ignore
+        else Threading.Interlocked.Increment(&serialTotal) |> ignore
+        let fold (average: float) = if Double.IsNaN average then seconds else 0.75 * average + 0.25 * seconds
+        if onPool then parallelSeconds <- fold parallelSeconds else serialSeconds <- fold serialSeconds
+
+    /// Seconds per token row on the pool and alone (NaN: not measured yet).
+    member _.Seconds = parallelSeconds, serialSeconds
+
+    /// Steps run so far in this process on the pool, and alone.
+    static member Totals = struct (Threading.Volatile.Read(&parallelTotal), Threading.Volatile.Read(&serialTotal))
+
+    static member For(config: GptConfig, dtype: Dtype, batchSize: int, prompt: bool) =
+        known.GetOrAdd(struct (config.EmbeddingDim, config.Layers, config.VocabSize, config.ContextLength, dtype, batchSize, prompt), fun _ -> Parallelism())
+
 /// The decoding state of one batch of sequences: a float32 KV cache (B, nh, ContextLength, hs) per layer, and scratch
 /// rows for up to 64 new tokens at a time (longer prompts go through in chunks of 64, which only re-reads the
 /// weights once per 64 tokens). After creation, stepping allocates nothing. Owns native memory: dispose it.
@@ -356,12 +397,17 @@ type DecoderState(weights: DecoderWeights, batchSize: int, pool: WorkerPool, pat
     let lastRows = new NativeBuffer(floatBytes (int64 batchSize * int64 embedding))
     let product = MatVecJob(path, true)
     let attention = AttentionJob()
+    /// The pool of the step being run: `pool`, or `alone` (no workers: everything on the calling thread).
+    let alone = new WorkerPool(0)
+    let mutable current = pool
+    let mutable parallelSteps = 0
+    let mutable serialSteps = 0
     let mutable length = 0
     let mutable disposed = false
 
     let multiply (linear: DecoderLinear) (input: nativeint) (rows: int) (output: nativeint) (epilogue: Epilogue) =
         product.Set(linear.Matrix, linear.Bias, input, linear.Matrix.Columns, rows, output, linear.Matrix.Rows, epilogue)
-        pool.Run(product, product.Chunks)
+        current.Run(product, product.Chunks)
 
     /// Embeddings of tokens ids[b·count + from + i] for i < fresh, at positions start + i, into residual rows b·fresh + i.
     let embed (ids: int[]) (count: int) (from: int) (fresh: int) (start: int) =
@@ -397,7 +443,7 @@ type DecoderState(weights: DecoderWeights, batchSize: int, pool: WorkerPool, pat
                     Buffer.MemoryCopy(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (Rows.offset row (2 * embedding + head * headDim))),
                                       NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (Rows.offset values[layer].Address slot)), bytes, bytes)
         attention.Set(qkv.Address, attended.Address, keys[layer].Address, values[layer].Address, fresh, start, heads, headDim, config.ContextLength)
-        pool.Run(attention, batchSize * heads)
+        current.Run(attention, batchSize * heads)
         multiply p.Projection attended.Address rows residual.Address Epilogue.Add
         normalise p.MlpNorm rows
         multiply p.Expand normed.Address rows hidden.Address Epilogue.Gelu
@@ -409,6 +455,8 @@ type DecoderState(weights: DecoderWeights, batchSize: int, pool: WorkerPool, pat
     member _.Length = length
     /// Forgets the cached tokens (the memory is kept and overwritten).
     member _.Reset() = length <- 0
+    /// Steps run so far on the worker pool, and on the calling thread alone (Parallelism).
+    member _.Steps = struct (parallelSteps, serialSteps)
 
     /// Feeds `count` new tokens per sequence (ids row-major [B, count], each in the vocabulary) at positions
     /// Length .. Length + count - 1, appending their keys and values to the cache, and writes float32 logits to
@@ -426,6 +474,11 @@ type DecoderState(weights: DecoderWeights, batchSize: int, pool: WorkerPool, pat
                 Errors.fail "token id %d is outside the model's vocabulary (0..%d)" id (config.VocabSize - 1)
         let perChunk = max 1 (maxRows / batchSize)
         let vocabulary = config.VocabSize
+        let way = Parallelism.For(config, weights.Dtype, batchSize, count > 1)
+        let onPool = pool.Workers > 0 && way.UseParallel()
+        current <- if onPool then pool else alone
+        if onPool then parallelSteps <- parallelSteps + 1 else serialSteps <- serialSteps + 1
+        let clock = Diagnostics.Stopwatch.StartNew()
         let mutable from = 0
         while from < count do
             let fresh = min perChunk (count - from)
@@ -439,15 +492,16 @@ type DecoderState(weights: DecoderWeights, batchSize: int, pool: WorkerPool, pat
                 for b in 0 .. batchSize - 1 do
                     let target = Rows.offset output ((b * count + from) * vocabulary)
                     product.Set(weights.Head, 0n, Rows.offset normed.Address (b * fresh * embedding), embedding, fresh, target, vocabulary, Epilogue.Store)
-                    pool.Run(product, product.Chunks)
+                    current.Run(product, product.Chunks)
             elif from + fresh = count then
                 for b in 0 .. batchSize - 1 do
                     let last = Rows.offset residual.Address ((b * fresh + fresh - 1) * embedding)
                     Rows.layerNorm weights.FinalNorm embedding last (Rows.offset lastRows.Address (b * embedding))
                 product.Set(weights.Head, 0n, lastRows.Address, embedding, batchSize, output, vocabulary, Epilogue.Store)
-                pool.Run(product, product.Chunks)
+                current.Run(product, product.Chunks)
             from <- from + fresh
         length <- length + count
+        way.Record(onPool, clock.Elapsed.TotalSeconds / float (batchSize * count))
 
     interface IDisposable with
         member _.Dispose() =
@@ -479,6 +533,10 @@ module Decoder =
         let output = torch.empty(shape, dtype = torch.float32)
         state.Forward(idArray ids, count, TensorMemory.address output, allPositions)
         output
+
+    /// Decoder steps run so far in this process on the worker pool, and on the calling thread alone (the decoder
+    /// measures both and takes the faster: see Parallelism).
+    let stepCounts () : struct (int64 * int64) = Parallelism.Totals
 
     /// Logits [B, T, vocab] of ids [B, T] at positions 0..T-1, recomputed through a temporary state.
     let recompute (weights: DecoderWeights) (ids: torch.Tensor) : torch.Tensor =
