@@ -83,15 +83,15 @@ let private inputsOf (case: ProductCase) =
 let private describe (case: ProductCase) (path: MatVecPath) (epilogue: Epilogue) =
     sprintf "%A %s [%d, %d] × %d tokens, bias %b, %A" path case.Dtype.Name case.Rows case.Columns case.Tokens case.Bias epilogue
 
-/// Pinned arrays of 16-bit patterns as a [count, 8] matrix whose first column holds the patterns (the rest 0), and
-/// the kernel's y for x = e₀: each output is exactly the widened pattern.
+/// Pinned arrays of 16-bit patterns as a [count, 40] matrix: row i holds pattern i in column i mod 40 (every lane
+/// of the vector blocks and of the scalar tail), zeros elsewhere; x = all ones, so each output is exactly the widened
+/// pattern.
 let private widened (pool: WorkerPool) (path: MatVecPath) (dtype: Dtype) (patterns: uint16[]) (tokens: int) =
-    let columns = 8
+    let columns = 40
     let weights = GC.AllocateArray<uint16>(patterns.Length * columns, pinned = true)
-    patterns |> Array.iteri (fun i p -> weights[i * columns] <- p)
+    patterns |> Array.iteri (fun i p -> weights[i * columns + i % columns] <- p)
     let x = GC.AllocateArray<float32>(tokens * columns, pinned = true)
-    for t in 0 .. tokens - 1 do
-        x[t * columns] <- 1.0f
+    Array.fill x 0 x.Length 1.0f
     let y = GC.AllocateArray<float32>(tokens * patterns.Length, pinned = true)
     let address (array: 'T[]) = NativePtr.toNativeInt (&&array[0])
     let matrix = { Address = address weights; Rows = patterns.Length; Columns = columns; Dtype = dtype }
@@ -146,12 +146,12 @@ let kernelTests =
             expectEqual shared alone "shared pool"
             expectEqual more alone "three workers"
 
-        testCase "every finite float16 and bfloat16 value widens exactly (both paths, one token and four)" <| fun () ->
+        testCase "every finite float16 and bfloat16 value widens exactly in every lane (both paths; 1, 4 and 8 tokens)" <| fun () ->
             let all = [| 0us .. UInt16.MaxValue |]
             let halves = all |> Array.filter (fun bits -> (bits &&& 0x7C00us) <> 0x7C00us) // exponent 31: infinity, NaN
             let bfloats = all |> Array.filter (fun bits -> (bits &&& 0x7F80us) <> 0x7F80us) // exponent 255
             for path in paths do
-                for tokens in [ 1; 4 ] do
+                for tokens in [ 1; 4; 8 ] do
                     for dtype, patterns, expected in
                         [ Dtype.Float16, halves, (fun (b: uint16) -> float32 (BitConverter.UInt16BitsToHalf b))
                           Dtype.BFloat16, bfloats, (fun (b: uint16) -> BitConverter.Int32BitsToSingle(int b <<< 16)) ] do

@@ -124,8 +124,8 @@ module internal Scalar =
         let inner = 0.7978845608028654f * (z + 0.044715f * z * z * z)
         0.5f * z * (1.0f + MathF.Tanh inner)
 
-/// The AVX2 + FMA kernels: dot products of one weight row with one activation row (generation) or with 8 (a prompt or
-/// a batch), 8 columns per instruction. One row at a time, front to back: each thread then reads its weights as one
+/// The AVX2 + FMA kernels for float32 weights: dot products of one weight row with one activation row (generation) or
+/// with 8 (a prompt or a batch), 8 columns per instruction. One row at a time, front to back: each thread then reads its weights as one
 /// sequential stream, which the hardware prefetchers follow. Measured on this project's machine (one thread, all of
 /// gpt2-small's matrices): interleaving 4 rows (4 short streams of 1.5–3 KB) read 16.8 GB/s of float32 and 12.9 of
 /// bfloat16; one row at a time with 4 accumulators, 23.3 and 22.4.
@@ -133,24 +133,13 @@ module internal Avx2Kernels =
     /// float32 weights: one load.
     let inline loadF32 (address: nativeint) = Avx.LoadVector256(NativePtr.ofNativeInt<float32> address)
 
-    /// bfloat16 weights: widen each 16-bit value to 32 bits and shift it into the upper half (2 instructions).
-    let inline loadBF16 (address: nativeint) =
-        Avx2.ShiftLeftLogical(Avx2.ConvertToVector256Int32(NativePtr.ofNativeInt<uint16> address), 16uy).AsSingle()
-
-    /// float16 weights without F16C (which .NET does not expose): shift the 16 bits into the upper half, move the
-    /// exponent and mantissa into float32's places with an arithmetic shift (the sign stays at bit 31), clear the
-    /// sign copies, and multiply by 2^112 to turn the exponent bias 15 into 127. Exact for every finite value,
-    /// subnormals included; infinities and NaN are not produced (conversion refuses weights outside float16's range).
-    let inline loadF16 (mask: Vector256<int>) (scale: Vector256<float32>) (address: nativeint) =
-        let upper = Avx2.ShiftLeftLogical(Avx2.ConvertToVector256Int32(NativePtr.ofNativeInt<uint16> address), 16uy)
-        Avx.Multiply(Avx2.And(Avx2.ShiftRightArithmetic(upper, 3uy), mask).AsSingle(), scale)
-
     let inline scalarF32 (w: nativeint) (k: int) = NativePtr.get (NativePtr.ofNativeInt<float32> w) k
     let inline scalarF16 (w: nativeint) (k: int) = Scalar.half (NativePtr.get (NativePtr.ofNativeInt<uint16> w) k)
     let inline scalarBF16 (w: nativeint) (k: int) = Scalar.bfloat (NativePtr.get (NativePtr.ofNativeInt<uint16> w) k)
 
+    /// float16 bits in a float32's upper half, arithmetically shifted right by 3, masked with this: sign at bit 31,
+    /// exponent and mantissa at float32's places (bias 15 instead of 127).
     let f16Mask () = Vector256.Create(0x8FFFE000)
-    let f16Scale () = Vector256.Create(BitConverter.Int32BitsToSingle((112 + 127) <<< 23))
 
     let inline private x8 (x: nativeint) (k: int) = Avx.LoadVector256(NativePtr.add (NativePtr.ofNativeInt<float32> x) k)
     let inline private xAt (x: nativeint) (k: int) = NativePtr.get (NativePtr.ofNativeInt<float32> x) k
@@ -237,6 +226,124 @@ module internal Avx2Kernels =
         NativePtr.set results 6 s6
         NativePtr.set results 7 s7
 
+/// The AVX2 kernels for 16-bit weights, two instructions per 16 weights cheaper than widening 8 at a time: one 32-byte
+/// load of 16 weights, then vpunpcklwd / vpunpckhwd with zero put weights 0–3, 8–11 and 4–7, 12–15 into the upper
+/// halves of two float32 vectors. The activations are staged once per product in that order (MatVecJob.Set), so the
+/// weights need no shuffle back. bfloat16 is then exact as it stands; float16 needs its exponent moved (an arithmetic
+/// shift and a mask: f16Mask) and comes out 2^-112 too small, which the staging folds into the activations
+/// (× 2^56) and the sum (× 2^56): powers of two, so the products and sums are those of the plain computation.
+module internal Avx2Kernels16 =
+    /// The order activations are staged in, per 16 columns.
+    let order = [| 0; 1; 2; 3; 8; 9; 10; 11; 4; 5; 6; 7; 12; 13; 14; 15 |]
+
+    /// 2^56: the staging scale of float16 products (applied to the activations and again to the sum).
+    let halfScale = BitConverter.Int32BitsToSingle((56 + 127) <<< 23)
+
+    let inline bfloat (upper: Vector256<int>) = upper.AsSingle()
+
+    let inline half (mask: Vector256<int>) (upper: Vector256<int>) = Avx2.And(Avx2.ShiftRightArithmetic(upper, 3uy), mask).AsSingle()
+
+    let inline private load16 (address: nativeint) = Avx.LoadVector256(NativePtr.ofNativeInt<int16> address)
+    let inline private low (v: Vector256<int16>) = Avx2.UnpackLow(Vector256<int16>.Zero, v).AsInt32()
+    let inline private high (v: Vector256<int16>) = Avx2.UnpackHigh(Vector256<int16>.Zero, v).AsInt32()
+    let inline private x8 (x: nativeint) (k: int) = Avx.LoadVector256(NativePtr.add (NativePtr.ofNativeInt<float32> x) k)
+    let inline private xAt (x: nativeint) (k: int) = NativePtr.get (NativePtr.ofNativeInt<float32> x) k
+
+    /// Columns the vector loop covers (whole blocks of 16); the rest go through `scalar` with the plain activations.
+    let inline vectorColumns (columns: int) = columns &&& ~~~15
+
+    /// One weight row (16-bit, at w) with one staged activation row xs (plain: x): 4 sums over 32 columns per step.
+    let inline dotRow
+        ([<InlineIfLambda>] fix: Vector256<int> -> Vector256<float32>)
+        ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
+        (w: nativeint) (xs: nativeint) (x: nativeint) (columns: int) (sumScale: float32) =
+        let blocks = vectorColumns columns
+        let mutable a0 = Vector256<float32>.Zero
+        let mutable a1 = Vector256<float32>.Zero
+        let mutable a2 = Vector256<float32>.Zero
+        let mutable a3 = Vector256<float32>.Zero
+        let mutable k = 0
+        while k + 32 <= blocks do
+            let v0 = load16 (w + nativeint (k * 2))
+            let v1 = load16 (w + nativeint (k * 2 + 32))
+            a0 <- Fma.MultiplyAdd(fix (low v0), x8 xs k, a0)
+            a1 <- Fma.MultiplyAdd(fix (high v0), x8 xs (k + 8), a1)
+            a2 <- Fma.MultiplyAdd(fix (low v1), x8 xs (k + 16), a2)
+            a3 <- Fma.MultiplyAdd(fix (high v1), x8 xs (k + 24), a3)
+            k <- k + 32
+        if k < blocks then
+            let v0 = load16 (w + nativeint (k * 2))
+            a0 <- Fma.MultiplyAdd(fix (low v0), x8 xs k, a0)
+            a1 <- Fma.MultiplyAdd(fix (high v0), x8 xs (k + 8), a1)
+            k <- k + 16
+        let mutable sum = Vector256.Sum((a0 + a1) + (a2 + a3)) * sumScale
+        while k < columns do
+            sum <- sum + scalar w k * xAt x k
+            k <- k + 1
+        sum
+
+    /// One weight row with 8 staged activation rows (xs + i·stagedBytes; plain: x0 .. x7): each widened pair of
+    /// vectors serves 8 tokens.
+    let inline dotRow8
+        ([<InlineIfLambda>] fix: Vector256<int> -> Vector256<float32>)
+        ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
+        (w: nativeint) (s0: nativeint) (s1: nativeint) (s2: nativeint) (s3: nativeint)
+        (s4: nativeint) (s5: nativeint) (s6: nativeint) (s7: nativeint)
+        (x0: nativeint) (x1: nativeint) (x2: nativeint) (x3: nativeint)
+        (x4: nativeint) (x5: nativeint) (x6: nativeint) (x7: nativeint)
+        (columns: int) (sumScale: float32) (results: nativeptr<float32>) =
+        let blocks = vectorColumns columns
+        let mutable a0 = Vector256<float32>.Zero
+        let mutable a1 = Vector256<float32>.Zero
+        let mutable a2 = Vector256<float32>.Zero
+        let mutable a3 = Vector256<float32>.Zero
+        let mutable a4 = Vector256<float32>.Zero
+        let mutable a5 = Vector256<float32>.Zero
+        let mutable a6 = Vector256<float32>.Zero
+        let mutable a7 = Vector256<float32>.Zero
+        let mutable k = 0
+        while k < blocks do
+            let v = load16 (w + nativeint (k * 2))
+            let lo = fix (low v)
+            let hi = fix (high v)
+            let k8 = k + 8
+            a0 <- Fma.MultiplyAdd(hi, x8 s0 k8, Fma.MultiplyAdd(lo, x8 s0 k, a0))
+            a1 <- Fma.MultiplyAdd(hi, x8 s1 k8, Fma.MultiplyAdd(lo, x8 s1 k, a1))
+            a2 <- Fma.MultiplyAdd(hi, x8 s2 k8, Fma.MultiplyAdd(lo, x8 s2 k, a2))
+            a3 <- Fma.MultiplyAdd(hi, x8 s3 k8, Fma.MultiplyAdd(lo, x8 s3 k, a3))
+            a4 <- Fma.MultiplyAdd(hi, x8 s4 k8, Fma.MultiplyAdd(lo, x8 s4 k, a4))
+            a5 <- Fma.MultiplyAdd(hi, x8 s5 k8, Fma.MultiplyAdd(lo, x8 s5 k, a5))
+            a6 <- Fma.MultiplyAdd(hi, x8 s6 k8, Fma.MultiplyAdd(lo, x8 s6 k, a6))
+            a7 <- Fma.MultiplyAdd(hi, x8 s7 k8, Fma.MultiplyAdd(lo, x8 s7 k, a7))
+            k <- k + 16
+        let mutable r0 = Vector256.Sum a0 * sumScale
+        let mutable r1 = Vector256.Sum a1 * sumScale
+        let mutable r2 = Vector256.Sum a2 * sumScale
+        let mutable r3 = Vector256.Sum a3 * sumScale
+        let mutable r4 = Vector256.Sum a4 * sumScale
+        let mutable r5 = Vector256.Sum a5 * sumScale
+        let mutable r6 = Vector256.Sum a6 * sumScale
+        let mutable r7 = Vector256.Sum a7 * sumScale
+        while k < columns do
+            let u = scalar w k
+            r0 <- r0 + u * xAt x0 k
+            r1 <- r1 + u * xAt x1 k
+            r2 <- r2 + u * xAt x2 k
+            r3 <- r3 + u * xAt x3 k
+            r4 <- r4 + u * xAt x4 k
+            r5 <- r5 + u * xAt x5 k
+            r6 <- r6 + u * xAt x6 k
+            r7 <- r7 + u * xAt x7 k
+            k <- k + 1
+        NativePtr.set results 0 r0
+        NativePtr.set results 1 r1
+        NativePtr.set results 2 r2
+        NativePtr.set results 3 r3
+        NativePtr.set results 4 r4
+        NativePtr.set results 5 r5
+        NativePtr.set results 6 r6
+        NativePtr.set results 7 r7
+
 /// The portable kernel: one weight row against one activation row with System.Numerics.Vector (whatever width the
 /// processor has); 16-bit weights are widened with the same bit operations as the AVX2 path.
 module internal PortableKernels =
@@ -293,7 +400,10 @@ type internal Product =
       Y: nativeint
       YStride: int
       Epilogue: Epilogue
-      RowsPerChunk: int }
+      RowsPerChunk: int
+      /// 16-bit weights on the AVX2 path: the activations staged in Avx2Kernels16.order (float16: × 2^56), Columns
+      /// floats per token; otherwise 0n.
+      Staged: nativeint }
 
 /// The loops around the kernels: rows first .. last - 1 of a product, the raw dot products (no bias, no epilogue)
 /// into out[(r - first) · Tokens + t]; then `finish` applies bias and epilogue.
@@ -329,12 +439,41 @@ module internal Products =
     let computeF32 (p: Product) (first: int) (last: int) (out: nativeptr<float32>) =
         rows Avx2Kernels.loadF32 Avx2Kernels.scalarF32 p first last out
 
+    /// 16-bit weights through the staged activations (Avx2Kernels16).
+    let inline private rows16
+        ([<InlineIfLambda>] fix: Vector256<int> -> Vector256<float32>)
+        ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
+        (sumScale: float32) (p: Product) (first: int) (last: int) (out: nativeptr<float32>) =
+        let columns = p.Matrix.Columns
+        let tokens = p.Tokens
+        let staged (index: int) = p.Staged + nativeint (index * columns * 4)
+        if tokens = 1 then
+            let xs, x = p.Staged, p.X
+            for r in first .. last - 1 do
+                NativePtr.set out (r - first) (Avx2Kernels16.dotRow fix scalar (row p r) xs x columns sumScale)
+        else
+            let results = NativePtr.stackalloc<float32> 8
+            for r in first .. last - 1 do
+                let w = row p r
+                let mutable t = 0
+                while t < tokens do
+                    let count = min 8 (tokens - t)
+                    // a last group of fewer than 8 tokens repeats its last token; the repeats are not stored
+                    let i0, i1, i2, i3 = t, t + min 1 (count - 1), t + min 2 (count - 1), t + min 3 (count - 1)
+                    let i4, i5, i6, i7 = t + min 4 (count - 1), t + min 5 (count - 1), t + min 6 (count - 1), t + min 7 (count - 1)
+                    Avx2Kernels16.dotRow8 fix scalar w (staged i0) (staged i1) (staged i2) (staged i3) (staged i4) (staged i5) (staged i6) (staged i7)
+                        (token p i0) (token p i1) (token p i2) (token p i3) (token p i4) (token p i5) (token p i6) (token p i7)
+                        columns sumScale results
+                    for i in 0 .. count - 1 do
+                        NativePtr.set out ((r - first) * tokens + t + i) (NativePtr.get results i)
+                    t <- t + 8
+
     let computeBF16 (p: Product) (first: int) (last: int) (out: nativeptr<float32>) =
-        rows Avx2Kernels.loadBF16 Avx2Kernels.scalarBF16 p first last out
+        rows16 Avx2Kernels16.bfloat Avx2Kernels.scalarBF16 1.0f p first last out
 
     let computeF16 (p: Product) (first: int) (last: int) (out: nativeptr<float32>) =
-        let mask, scale = Avx2Kernels.f16Mask (), Avx2Kernels.f16Scale ()
-        rows (Avx2Kernels.loadF16 mask scale) Avx2Kernels.scalarF16 p first last out
+        let mask = Avx2Kernels.f16Mask ()
+        rows16 (Avx2Kernels16.half mask) Avx2Kernels.scalarF16 Avx2Kernels16.halfScale p first last out
 
     let computePortable (p: Product) (first: int) (last: int) (out: nativeptr<float32>) =
         for r in first .. last - 1 do
@@ -379,6 +518,31 @@ type MatVecJob(path: MatVecPath, speculative: bool) =
     static val mutable private raw: Scratch
     let mutable product = Unchecked.defaultof<Product>
     let mutable chunks = 0
+    /// The staged activations (16-bit weights). Grown, never shrunk; a replaced buffer is kept until the job is
+    /// collected, since a late speculative worker may still read it.
+    let mutable stage = 0n
+    let mutable stageBytes = 0
+    let retired = Collections.Generic.List<nativeint>()
+
+    let stageFor (weights: WeightMatrix) (input: nativeint) (inputStride: int) (tokens: int) =
+        let needed = tokens * weights.Columns * 4
+        if needed > stageBytes then
+            if stage <> 0n then retired.Add stage
+            stageBytes <- max needed (2 * stageBytes)
+            stage <- NativePtr.toNativeInt (NativePtr.ofVoidPtr<byte> (NativeMemory.AlignedAlloc(unativeint stageBytes, 64un)))
+        let scale = if weights.Dtype = Dtype.Float16 then Avx2Kernels16.halfScale else 1.0f
+        let columns = weights.Columns
+        let blocks = Avx2Kernels16.vectorColumns columns
+        let order = Avx2Kernels16.order
+        for t in 0 .. tokens - 1 do
+            let source = NativePtr.ofNativeInt<float32> (input + nativeint (t * inputStride * 4))
+            let target = NativePtr.ofNativeInt<float32> (stage + nativeint (t * columns * 4))
+            let mutable block = 0
+            while block < blocks do
+                for j in 0 .. 15 do
+                    NativePtr.set target (block + j) (NativePtr.get source (block + order[j]) * scale)
+                block <- block + 16
+        stage
 
     let range (p: Product) (chunk: int) = chunk * p.RowsPerChunk, min p.Matrix.Rows ((chunk + 1) * p.RowsPerChunk)
 
@@ -399,12 +563,19 @@ type MatVecJob(path: MatVecPath, speculative: bool) =
             invalidArg (nameof inputStride) (sprintf "strides %d and %d do not fit a [%d, %d] matrix" inputStride outputStride weights.Rows weights.Columns)
         let rowBytes = int weights.RowBytes
         let rowsPerChunk = max 4 ((chunkBytes / max 1 rowBytes) &&& ~~~3)
+        let staged =
+            if path = MatVecPath.Avx2 && weights.Dtype <> Dtype.Float32 then stageFor weights input inputStride tokenCount else 0n
         product <-
             { Matrix = weights; Bias = biasAddress; X = input; XStride = inputStride; Tokens = tokenCount
-              Y = output; YStride = outputStride; Epilogue = finishing; RowsPerChunk = rowsPerChunk }
+              Y = output; YStride = outputStride; Epilogue = finishing; RowsPerChunk = rowsPerChunk; Staged = staged }
         chunks <- (weights.Rows + rowsPerChunk - 1) / rowsPerChunk
 
     override _.Speculative = speculative
+
+    override _.Finalize() =
+        for buffer in retired do
+            NativeMemory.AlignedFree(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> buffer))
+        if stage <> 0n then NativeMemory.AlignedFree(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> stage))
 
     override _.ScratchBytes = product.RowsPerChunk * product.Tokens * 4
 
