@@ -84,8 +84,8 @@ and [<Sealed; AllowNullLiteral>] WorkerPool(workers: int) =
     let mutable active = 0
     /// Speculative chunks: (generation <<< 2) ||| 0 open, 1 being committed, 2 done.
     let mutable chunkStates: int64[] = Array.zeroCreate 64
-    /// How long a worker spins for the next job before it blocks (~100 µs), and how long the caller waits for a
-    /// worker's unfinished speculative chunk before computing it itself (~30 µs).
+    /// How long a worker spins for the next job before it blocks (~100 µs), and the least the caller waits for a
+    /// worker's unfinished speculative chunk before computing it itself (~30 µs; twice a chunk's time when longer).
     let spinTicks = Stopwatch.Frequency / 10_000L
     let takeOverTicks = max 1L (Stopwatch.Frequency * 30L / 1_000_000L)
 
@@ -115,14 +115,16 @@ and [<Sealed; AllowNullLiteral>] WorkerPool(workers: int) =
                 Volatile.Write(&states[index], doneState mine)
                 Interlocked.Increment(&finished) |> ignore
 
-    /// Claims and runs chunks of generation `mine` until none is left.
+    /// Claims and runs chunks of generation `mine` until none is left; returns how many it ran.
     let work (mine: int) (scratch: Scratch) (owner: WorkerPool) =
         let mutable claimed = true
+        let mutable ran = 0
         while claimed do
             let current = Volatile.Read(&state)
             let next = int (current &&& 0xFFFFFFFFL)
             if int (current >>> 32) <> mine || next >= Volatile.Read(&count) then claimed <- false
             elif Interlocked.CompareExchange(&state, current + 1L, current) = current then
+                ran <- ran + 1
                 match Volatile.Read(&job) with
                 | null -> ()
                 | task ->
@@ -133,6 +135,7 @@ and [<Sealed; AllowNullLiteral>] WorkerPool(workers: int) =
                             finally Interlocked.Increment(&finished) |> ignore
                     with error ->
                         Interlocked.CompareExchange(&failure, error, null) |> ignore
+        ran
 
     let loop (owner: WorkerPool) () =
         let scratch = Scratch()
@@ -151,7 +154,7 @@ and [<Sealed; AllowNullLiteral>] WorkerPool(workers: int) =
             else
                 seen <- current
                 Interlocked.Increment(&active) |> ignore
-                try work current scratch owner
+                try work current scratch owner |> ignore
                 finally Interlocked.Decrement(&active) |> ignore
 
     let mutable threads: Thread[] = [||]
@@ -213,11 +216,14 @@ and [<Sealed; AllowNullLiteral>] WorkerPool(workers: int) =
                 // then reads the state): otherwise both could miss the other and the worker would sleep through it.
                 Interlocked.Exchange(&state, int64 mine <<< 32) |> ignore
                 if Volatile.Read(&sleeping) > 0 then wake.Set()
-                work mine scratch this
+                let started = Stopwatch.GetTimestamp()
+                let ran = work mine scratch this
                 if task.Speculative then
-                    // Give the workers' last chunks a moment, then compute whatever is still open here.
-                    let started = Stopwatch.GetTimestamp()
-                    while Volatile.Read(&finished) < chunks && Stopwatch.GetTimestamp() - started < takeOverTicks do
+                    // Give the workers' last chunks about twice as long as a chunk took here (at least ~30 µs), then
+                    // compute whatever is still open on this thread.
+                    let stopped = Stopwatch.GetTimestamp()
+                    let patience = if ran = 0 then 10L * takeOverTicks else max takeOverTicks (2L * (stopped - started) / int64 ran)
+                    while Volatile.Read(&finished) < chunks && Stopwatch.GetTimestamp() - stopped < patience do
                         Thread.SpinWait 10
                     if Volatile.Read(&finished) < chunks then
                         for chunk in 0 .. chunks - 1 do
