@@ -119,7 +119,12 @@ public sealed partial class GptModel : IDisposable
     {
         ArgumentNullException.ThrowIfNull(device);
         Gpt.Model.DeviceModule.place(Gpt.Model.DeviceModule.parse(device), Inner);
-        _languageModel = null; // its cached device
+        lock (Inner)
+        {
+            _languageModel = null; // its cached device
+            _float16Model = null;  // copies made for the old device
+            _bfloat16Model = null;
+        }
         return this;
     }
 

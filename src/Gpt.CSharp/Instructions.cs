@@ -155,8 +155,8 @@ public sealed class InstructionModel : IDisposable
     /// <summary>The response to an instruction (greedy and at most 256 tokens unless the settings say otherwise; stops at
     /// end-of-text).</summary>
     public string Respond(InstructionEntry entry, GenerationSettings? settings = null) =>
-        FInstruction.respond(_model.Inner, Tokenizer.Gpt2.Inner, ToFSharp(Style), Settings(settings).ToFSharp(_model.Inner),
-            (entry ?? throw new ArgumentNullException(nameof(entry))).ToFSharp());
+        // FInstruction.respond's steps (prompt, generation, extraction) through the model, so that the settings' dtype applies.
+        InstructionData.response(ToFSharp(Style), _model.Generate(Prompt(entry ?? throw new ArgumentNullException(nameof(entry))), Settings(settings)).Text);
 
     /// <summary>The response computed on the thread pool (generation never runs on the caller's synchronisation
     /// context). Cancelling stops before the next token and throws <see cref="OperationCanceledException"/>, as
@@ -165,19 +165,11 @@ public sealed class InstructionModel : IDisposable
     public Task<string> RespondAsync(InstructionEntry entry, GenerationSettings? settings = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(entry);
-        var options = Settings(settings).ToFSharp(_model.Inner);
+        var prompt = Prompt(entry);
         var style = ToFSharp(Style);
-        return Task.Run(() =>
-        {
-            var text = new System.Text.StringBuilder();
-            foreach (var piece in FInstruction.streamResponse(_model.Inner, Tokenizer.Gpt2.Inner, style, options, entry.ToFSharp()))
-            {
-                cancellationToken.ThrowIfCancellationRequested();
-                text.Append(piece);
-            }
-            // The pieces concatenate to the decoded tokens: the same response as Respond's.
-            return InstructionData.response(style, text.ToString());
-        }, cancellationToken);
+        // The pieces concatenate to the decoded tokens: the same response as Respond's (the settings' dtype applies).
+        return Task.Run(() => InstructionData.response(style, _model.Stream(prompt, _ => { }, Settings(settings), null, cancellationToken)),
+            cancellationToken);
     }
 
     /// <summary>The generated continuation of the prompt as it comes, piece by piece (the response marker is part of it:

@@ -23,6 +23,8 @@ internal static class BenchCommand
         ("machine", "machine", [], []),
         ("tokenizer", "tokenizer", [], ["--megabytes", "1"]),
         ("generate", "generate", [], ["--new-tokens", "4", "--runs", "1"]),
+        ("generate-f16", "generate", ["--dtype", "f16"], ["--dtype", "f16", "--new-tokens", "4", "--runs", "1"]),
+        ("generate-batch-8", "generate", ["--batch", "8"], ["--batch", "2", "--new-tokens", "4", "--runs", "1"]),
         ("generate-256", "generate", ["--new-tokens", "256", "--compare-kv-cache"], ["--new-tokens", "8", "--compare-kv-cache", "--runs", "1"]),
         ("train-A", "train", ["--preset", "A"], ["--preset", "A", "--warmup", "0", "--steps", "1"]),
         ("train-B", "train", ["--preset", "B"], ["--preset", "B", "--warmup", "0", "--steps", "1"]),
@@ -318,6 +320,9 @@ internal static class BenchCommand
         Goal("train A: peak RSS (MiB)", Figure("train-A", "peak_rss_mb"), "<= 2289 (2.4 GB)", f => f <= 2.4 * gigabyteInMib);
         Goal("train B: peak RSS (MiB)", Figure("train-B", "peak_rss_mb"), "<= 3242 (3.4 GB)", f => f <= 3.4 * gigabyteInMib);
         Goal("generate gpt2-small, KV cache, 64 new tokens: tokens/s", Figure("generate", "tokens_per_s"), ">= 20", f => f >= 20);
+        Goal("generate f32: decoding at this fraction of the memory-bandwidth ceiling", Figure("generate", "bandwidth_fraction"), ">= 0.85", f => f >= 0.85);
+        // llama.cpp (LLamaSharp 0.30.0, CPU) on a GGUF of the same weights, this machine, 2026-12-01 (issue 18)
+        Goal("generate f16: tokens/s", Figure("generate-f16", "tokens_per_s"), ">= 55.6 (llama.cpp F16)", f => f >= 55.6);
         Goal("generate 256 new tokens: KV cache speed-up", Figure("generate-256", "kv_cache_speedup"), ">= 10", f => f >= 10);
         Goal("tokenizer: MB/s", Figure("tokenizer", "mb_per_s"), ">= 15", f => f >= 15);
         Goal("leak: RSS slope, step N to 4N (%)", Figure("leak", "rss_slope_pct"), "< 1", f => f < 1);

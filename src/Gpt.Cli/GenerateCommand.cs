@@ -86,22 +86,37 @@ internal static class GenerateCommand
         {
             Description = "Runs with and without the KV cache, alternating, and reports both and the speed-up (kv_cache_speedup).",
         };
-        var command = BenchCommand.Part(context, "generate", "Generation speed in tokens/s (greedy, after a warm-up; median of several runs).", parse =>
+        var dtype = GenerationOptions.DtypeOption();
+        var batch = new Option<int>("--batch") { Description = "Prompts generated together (batch throughput: tokens/s counts all of them).", DefaultValueFactory = _ => 1 };
+        var torchPath = new Option<bool>("--torch") { Description = "Measure the TorchSharp path (the model's own KV cache) instead of the decoder, for comparison (f32 only)." };
+        var bandwidth = new Option<double?>("--bandwidth-gbps")
+        {
+            Description = "Memory bandwidth for bandwidth_fraction (default: measured here and now, as gpt bench machine does).",
+        };
+        var command = BenchCommand.Part(context, "generate",
+            "Generation speed in tokens/s (greedy, after a warm-up; median of several runs): time to the first token, decoding alone, " +
+            "and the fraction of the memory-bandwidth ceiling (every weight is read once per step).", parse =>
         {
             var path = parse.GetValue(modelPath);
             var where = Gpt.Model.DeviceModule.parse(parse.GetValue(device));
             Gpt.Model.DeviceModule.resolve(where); // a device that is not there fails before the model is built
+            var weights = GenerationOptions.ParseDtype(parse.GetValue(dtype));
+            var torch = parse.GetValue(torchPath);
             using var model = GenerationBench.loadModel(path is null ? null : Microsoft.FSharp.Core.FSharpOption<string>.Some(path));
             var placed = Gpt.Model.DeviceModule.place(where, model);
-            var language = LanguageModel.ofGpt(model);
+            var language = GenerationBench.languageModel(model, weights, torch);
+            var bytesPerStep = GenerationBench.bytesPerStep(model.Config, weights);
             JsonObject Figures(Throughput t) => new()
             {
-                ["tokens_per_s"] = Math.Round(t.TokensPerSecond, 2), ["prompt_tokens"] = t.PromptTokens, ["new_tokens"] = t.NewTokens,
-                ["kv_cache"] = t.UsedKvCache, ["seconds"] = Math.Round(t.Seconds, 3), ["first_token_s"] = Math.Round(t.FirstTokenSeconds, 4),
+                ["tokens_per_s"] = Math.Round(t.TokensPerSecond, 2), ["decode_tokens_per_s"] = Math.Round(t.DecodeTokensPerSecond, 2),
+                ["first_token_s"] = Math.Round(t.FirstTokenSeconds, 4), ["prompt_tokens"] = t.PromptTokens, ["new_tokens"] = t.NewTokens,
+                ["batch"] = t.BatchSize, ["kv_cache"] = t.UsedKvCache, ["seconds"] = Math.Round(t.Seconds, 3),
                 ["runs"] = t.RunTokensPerSecond.Length, ["tensors_per_token"] = Math.Round(t.TensorsPerToken, 1),
                 ["run_tokens_per_s"] = new JsonArray(t.RunTokensPerSecond.Select(r => (JsonNode?)Math.Round(r, 2)).ToArray()),
             };
+            var (parallelBefore, serialBefore) = Decoder.stepCounts();
             JsonObject result;
+            double decodeStepsPerSecond;
             if (parse.GetValue(compare))
             {
                 var (cached, uncached, speedup) = GenerationBench.compareKvCache(language, parse.GetValue(promptTokens), parse.GetValue(newTokens), parse.GetValue(runs)).ToValueTuple();
@@ -109,21 +124,35 @@ internal static class GenerateCommand
                 result["no_cache_tokens_per_s"] = Math.Round(uncached.TokensPerSecond, 2);
                 result["no_cache_run_tokens_per_s"] = new JsonArray(uncached.RunTokensPerSecond.Select(r => (JsonNode?)Math.Round(r, 2)).ToArray());
                 result["kv_cache_speedup"] = Math.Round(speedup, 2);
+                decodeStepsPerSecond = cached.DecodeTokensPerSecond;
             }
             else
-                result = Figures(GenerationBench.measureTokensPerSecond(language, parse.GetValue(promptTokens), parse.GetValue(newTokens), !parse.GetValue(noCache), parse.GetValue(runs)));
+            {
+                var t = GenerationBench.measureBatch(language, parse.GetValue(promptTokens), parse.GetValue(newTokens), !parse.GetValue(noCache),
+                    parse.GetValue(batch), parse.GetValue(runs));
+                result = Figures(t);
+                decodeStepsPerSecond = t.DecodeTokensPerSecond / t.BatchSize;
+            }
+            var (parallelAfter, serialAfter) = Decoder.stepCounts();
+            var decoderSteps = parallelAfter - parallelBefore + serialAfter - serialBefore;
+            // The decoder times its steps on the worker pool and on one thread and takes the faster (it depends on how
+            // busy the machine is): the share of steps that ran on the pool.
+            if (decoderSteps > 0) result["parallel_steps_fraction"] = Math.Round((double)(parallelAfter - parallelBefore) / decoderSteps, 3);
+            var gigabytesPerSecond = parse.GetValue(bandwidth) ?? MachineBench.bandwidthGbps(256, 5);
+            result["dtype"] = weights.Name;
+            result["path"] = torch ? "torch" : "decoder";
+            result["weight_bytes_per_step"] = bytesPerStep;
+            result["bandwidth_gbps"] = Math.Round(gigabytesPerSecond, 2);
+            // Every step reads every weight once: bandwidth / bytes is the most steps a second memory allows.
+            result["ceiling_steps_per_s"] = Math.Round(gigabytesPerSecond * 1e9 / bytesPerStep, 2);
+            result["bandwidth_fraction"] = Math.Round(decodeStepsPerSecond * bytesPerStep / (gigabytesPerSecond * 1e9), 3);
             result["model"] = path ?? "gpt2-small (random weights)";
             result["parameters"] = model.ParameterCount;
             result["device"] = Gpt.Model.DeviceModule.describe(placed);
             return result;
         });
-        command.Add(modelPath);
-        command.Add(promptTokens);
-        command.Add(newTokens);
-        command.Add(noCache);
-        command.Add(runs);
-        command.Add(compare);
-        command.Add(device);
+        foreach (var option in new Option[] { modelPath, promptTokens, newTokens, noCache, runs, compare, device, dtype, batch, torchPath, bandwidth })
+            command.Add(option);
         return command;
     }
 }

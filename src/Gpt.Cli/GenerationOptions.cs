@@ -18,7 +18,32 @@ internal sealed class GenerationOptions
         };
         NoEos = new("--no-eos") { Description = "Never stop before --max-new-tokens." };
         NoCache = new("--no-kv-cache") { Description = "Recompute every position at every step (slower; same result)." };
+        Dtype = DtypeOption();
     }
+
+    /// <summary><c>--dtype f32|f16|bf16</c>: the type the weights are read in for generation.</summary>
+    public static Option<string> DtypeOption()
+    {
+        var option = new Option<string>("--dtype")
+        {
+            Description = "Weights for generation: f32 (as trained), f16 or bf16 (a copy in half precision: half the bytes to read " +
+                          "per token, products still summed in float32).",
+            DefaultValueFactory = _ => "f32",
+        };
+        option.AcceptOnlyFromAmong("f32", "f16", "bf16");
+        return option;
+    }
+
+    /// <summary>The core's dtype for a <c>--dtype</c> value.</summary>
+    public static Gpt.Kernels.Dtype ParseDtype(string? text) => Gpt.Kernels.DtypeModule.parse(text ?? "f32");
+
+    /// <summary>The façade's dtype for a <c>--dtype</c> value.</summary>
+    public static Gpt.Dtype ToDtype(string? text) => (text ?? "f32") switch
+    {
+        "f16" => Gpt.Dtype.Float16,
+        "bf16" => Gpt.Dtype.BFloat16,
+        _ => Gpt.Dtype.Float32,
+    };
 
     public Option<int> MaxNewTokens { get; }
     public Option<double> Temperature { get; }
@@ -28,10 +53,11 @@ internal sealed class GenerationOptions
     public Option<int?> Eos { get; }
     public Option<bool> NoEos { get; }
     public Option<bool> NoCache { get; }
+    public Option<string> Dtype { get; }
 
     public void AddTo(Command command)
     {
-        foreach (var option in new Option[] { MaxNewTokens, Temperature, TopK, TopP, Seed, Eos, NoEos, NoCache }) command.Add(option);
+        foreach (var option in new Option[] { MaxNewTokens, Temperature, TopK, TopP, Seed, Eos, NoEos, NoCache, Dtype }) command.Add(option);
     }
 
     /// <summary>The settings the options give; the end-of-text token stays the model's own unless --eos or --no-eos
@@ -42,6 +68,7 @@ internal sealed class GenerationOptions
         {
             MaxNewTokens = parse.GetValue(MaxNewTokens), Temperature = parse.GetValue(Temperature), TopK = parse.GetValue(TopK),
             TopP = parse.GetValue(TopP), Seed = parse.GetValue(Seed), UseKvCache = !parse.GetValue(NoCache),
+            Dtype = ToDtype(parse.GetValue(Dtype)),
         };
         if (parse.GetValue(NoEos)) return settings with { EndOfTextId = null };
         return parse.GetValue(Eos) is { } eos ? settings with { EndOfTextId = eos } : settings;

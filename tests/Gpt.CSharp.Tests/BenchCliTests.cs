@@ -54,6 +54,24 @@ public class BenchCliTests
         Assert.Equal(2, compared.GetProperty("no_cache_run_tokens_per_s").GetArrayLength());
         Assert.Equal(compared.GetProperty("tokens_per_s").GetDouble() / compared.GetProperty("no_cache_tokens_per_s").GetDouble(),
             compared.GetProperty("kv_cache_speedup").GetDouble(), 1);
+        var (halfCode, halfOutput, halfError) = Cli.Run(null, "bench", "generate", "--model", Fixtures.TinyGpt2, "--new-tokens", "5",
+            "--runs", "1", "--dtype", "bf16", "--batch", "3", "--bandwidth-gbps", "20", "--format", "json");
+        Assert.True(halfCode == 0, halfError);
+        var half = Object(halfOutput.Trim());
+        HasNumbers(half, "tokens_per_s", "decode_tokens_per_s", "first_token_s", "bandwidth_fraction", "ceiling_steps_per_s", "weight_bytes_per_step");
+        Assert.Equal("bf16", half.GetProperty("dtype").GetString());
+        Assert.Equal("decoder", half.GetProperty("path").GetString());
+        Assert.Equal(3, half.GetProperty("batch").GetInt32());
+        Assert.Equal(20, half.GetProperty("bandwidth_gbps").GetDouble());
+        // tiny-gpt2: 2 layers of 12 · 32², and the 50,257 × 32 head, 2 bytes each
+        Assert.Equal((12L * 32 * 32 * 2 + 50257L * 32) * 2, half.GetProperty("weight_bytes_per_step").GetInt64());
+        var (torchCode, torchOutput, torchError) = Cli.Run(null, "bench", "generate", "--model", Fixtures.TinyGpt2, "--new-tokens", "3",
+            "--runs", "1", "--torch", "--bandwidth-gbps", "20", "--format", "json");
+        Assert.True(torchCode == 0, torchError);
+        Assert.Equal("torch", Object(torchOutput.Trim()).GetProperty("path").GetString());
+        var (mixCode, _, mixError) = Cli.Run(null, "bench", "generate", "--model", Fixtures.TinyGpt2, "--torch", "--dtype", "f16");
+        Assert.Equal(1, mixCode);
+        Assert.Contains("float32 weights only", mixError);
         var (badCode, _, badError) = Cli.Run(null, "bench", "generate", "--model", Fixtures.TinyGpt2, "--runs", "0");
         Assert.Equal(1, badCode);
         Assert.Contains("at least 1 run, found 0", badError);

@@ -25,13 +25,17 @@ public class ModelCliTests
     }
 
     [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public void GreedyGenerationThroughTheCliMatchesTheReferenceExactly(bool noCache)
+    [InlineData(false, "f32")]
+    [InlineData(true, "f32")]
+    [InlineData(false, "f16")]
+    [InlineData(true, "bf16")]
+    public void GreedyGenerationThroughTheCliMatchesTheReferenceExactly(bool noCache, string dtype)
     {
+        // f16 and bf16 give the same 29 greedy ids on this fixture (its smallest top-2 margin is 0.0039; see README)
         var reference = Fixtures.Load(Fixtures.TinyGpt2);
         var args = new List<string> { "generate", "--model", Fixtures.TinyGpt2, "--ids", string.Join(",", reference.GreedyPrompt),
-            "--max-new-tokens", (reference.GreedyIds.Length - reference.GreedyPrompt.Length).ToString(CultureInfo.InvariantCulture), "--no-eos", "--format", "json" };
+            "--max-new-tokens", (reference.GreedyIds.Length - reference.GreedyPrompt.Length).ToString(CultureInfo.InvariantCulture), "--no-eos",
+            "--format", "json", "--dtype", dtype };
         if (noCache) args.Add("--no-kv-cache");
         var (code, output, error) = Cli.Run(null, args.ToArray());
         Assert.True(code == 0, error);

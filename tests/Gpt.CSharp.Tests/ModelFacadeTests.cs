@@ -37,6 +37,23 @@ public class ModelFacadeTests
         }
     }
 
+    [Theory]
+    [InlineData(Dtype.Float16)]
+    [InlineData(Dtype.BFloat16)]
+    public void HalfPrecisionWeightsGiveTheReferenceGreedyIds(Dtype dtype)
+    {
+        var reference = Fixtures.Load(Fixtures.TinyGpt2);
+        using var model = GptModel.Load(Fixtures.TinyGpt2);
+        var newTokens = reference.GreedyIds.Length - reference.GreedyPrompt.Length;
+        foreach (var cache in new[] { true, false })
+        {
+            var settings = new GenerationSettings { MaxNewTokens = newTokens, EndOfTextId = null, UseKvCache = cache, Dtype = dtype };
+            Assert.Equal(reference.GreedyIds, model.Generate(reference.GreedyPrompt, settings).AllIds);
+        }
+        var streamed = model.Stream("Hello", _ => { }, new GenerationSettings { MaxNewTokens = 8, EndOfTextId = null, Dtype = dtype });
+        Assert.Equal(model.Generate("Hello", new GenerationSettings { MaxNewTokens = 8, EndOfTextId = null, Dtype = dtype }).Text, streamed);
+    }
+
     [Fact]
     public void SaveLoadRoundTripReproducesLogitsExactly()
     {

@@ -5,6 +5,7 @@ open System.Diagnostics
 open System.Text
 open TorchSharp
 open Gpt
+open Gpt.Kernels
 open Gpt.Model
 open Gpt.Text
 
@@ -35,6 +36,14 @@ type ILanguageModel =
     /// ids [B, Tnew] at positions cache.Length .. cache.Length + Tnew - 1 (the sum stays ≤ ContextLength) →
     /// logits [B, Tnew, VocabSize]; the cache then holds Tnew more tokens.
     abstract LogitsCached: ids: torch.Tensor * cache: IKvCache -> torch.Tensor
+
+/// A model whose cached path can give the logits of each sequence's last new token alone, [B, VocabSize], without
+/// computing the other positions' (the decoder: for a prompt, the head then runs once instead of once per token).
+/// ContextWindow uses it when a model has it.
+type INextTokenModel =
+    /// ids [B, Tnew] as for LogitsCached → logits [B, VocabSize] of the last of them (float32, on the CPU); the cache
+    /// then holds Tnew more tokens.
+    abstract NextLogitsCached: ids: torch.Tensor * cache: IKvCache -> torch.Tensor
 
 /// The cache of a model adapted by LanguageModel.ofModule.
 type private ModuleCache<'Cache when 'Cache :> IDisposable>(cache: 'Cache, length: 'Cache -> int, reset: 'Cache -> unit) =
@@ -104,11 +113,87 @@ module LanguageModel =
             member _.CreateCache batchSize = model.CreateCache batchSize
             member _.LogitsCached(ids, cache) = model.LogitsCached(ids, cache) }
 
-    /// The GPT model: forward for full recomputation, its preallocated KV cache for incremental decoding.
-    let ofGpt (model: Gpt.Model.GptModel) : ILanguageModel =
+    /// The GPT model through TorchSharp alone: forward for full recomputation, its preallocated KV cache
+    /// (Gpt.logitsCached) for incremental decoding. What ofGpt falls back to.
+    let ofGptTorch (model: Gpt.Model.GptModel) : ILanguageModel =
         if isNull (box model) then nullArg "model"
         ofModule model model.Config.VocabSize model.Config.ContextLength model.CreateCache model.ForwardCached
             (fun cache -> cache.Length) (fun cache -> cache.Reset())
+
+    /// The decoder's cache: its state, and the weights it owns when they were made for this cache alone.
+    type private DecoderCache(state: DecoderState, owned: DecoderWeights option) =
+        member _.State = state
+        interface IKvCache with
+            member _.Length = state.Length
+            member _.Reset() = state.Reset()
+            member _.Dispose() =
+                (state :> IDisposable).Dispose()
+                owned |> Option.iter (fun weights -> (weights :> IDisposable).Dispose())
+
+    /// A GPT model whose cached path runs through the decoder (Decoder.fs): with `snapshot`, over those weights (any
+    /// dtype, made once); otherwise over views of the model's own float32 weights, taken afresh for every cache, or
+    /// through TorchSharp when the model cannot be viewed (low-rank adapters, not float32, not on the CPU).
+    let private ofGptDecoder (model: Gpt.Model.GptModel) (snapshot: DecoderWeights option) : ILanguageModel =
+        let torchPath = ofGptTorch model
+        let decoderCache (cache: IKvCache) =
+            match cache with
+            | :? DecoderCache as decoder ->
+                if snapshot.IsNone && model.training then
+                    Errors.fail "the decoder has no dropout: put the model in evaluation mode (eval()) before a cached step"
+                Some decoder.State
+            | _ -> None
+        let viewable () =
+            use scope = torch.NewDisposeScope()
+            DecoderWeights.canView model.Params
+        { new ILanguageModel with
+            member _.VocabSize = torchPath.VocabSize
+            member _.ContextLength = torchPath.ContextLength
+            member _.Device = if snapshot.IsSome then torch.CPU else torchPath.Device
+            member _.Training
+                with get () = snapshot.IsNone && torchPath.Training
+                and set (value: bool) =
+                    match snapshot with
+                    | None -> torchPath.Training <- value
+                    | Some _ when value -> Errors.fail "a decoder over %s weights has no training mode (no dropout)" snapshot.Value.Dtype.Name
+                    | Some _ -> ()
+            member _.Logits ids =
+                match snapshot with
+                | Some weights -> Decoder.recompute weights ids
+                | None -> torchPath.Logits ids
+            member _.CreateCache batchSize =
+                match snapshot with
+                | Some weights -> new DecoderCache(new DecoderState(weights, batchSize), None) :> IKvCache
+                | None when viewable () ->
+                    let weights = DecoderWeights.ofModel model Dtype.Float32
+                    new DecoderCache(new DecoderState(weights, batchSize), Some weights) :> IKvCache
+                | None -> torchPath.CreateCache batchSize
+            member _.LogitsCached(ids, cache) =
+                match decoderCache cache with
+                | Some state -> Decoder.logits state ids true
+                | None -> torchPath.LogitsCached(ids, cache)
+          interface INextTokenModel with
+            member _.NextLogitsCached(ids, cache) =
+                match decoderCache cache with
+                | Some state -> Decoder.logits state ids false
+                | None ->
+                    use all = torchPath.LogitsCached(ids, cache)
+                    all.select(1L, -1L).contiguous() }
+
+    /// The GPT model: forward (TorchSharp) for full recomputation; incremental decoding through the decoder over the
+    /// model's own float32 weights (no copy; taken afresh for each generation, so training in between is seen), or
+    /// through TorchSharp's KV cache (ofGptTorch) where the decoder cannot read the weights as they are: low-rank
+    /// adapters, another dtype, another device.
+    let ofGpt (model: Gpt.Model.GptModel) : ILanguageModel =
+        if isNull (box model) then nullArg "model"
+        ofGptDecoder model None
+
+    /// The GPT model with its weights copied into `dtype` for inference (f16/bf16: half the bytes to read per token),
+    /// low-rank adapters merged in; products accumulate in float32. Both recomputation and the cached path run
+    /// through the decoder. The copy is made now, from the weights as they are now: make another after training.
+    /// Float32 makes a float32 copy only where the weights cannot be read as they are.
+    let ofGptIn (dtype: Dtype) (model: Gpt.Model.GptModel) : ILanguageModel =
+        if isNull (box model) then nullArg "model"
+        ofGptDecoder model (Some(DecoderWeights.ofModel model dtype))
 
 /// How to generate.
 type GenerationOptions =
@@ -227,22 +312,31 @@ type ContextWindow(model: ILanguageModel, prompts: int[][], useKvCache: bool) =
         use _ = torch.no_grad ()
         use scope = torch.NewDisposeScope()
         let start = max 0 (length - contextLength) // the window is tokens start..length-1
-        let logits, fed =
+        let lastOf (logits: torch.Tensor) (fed: int) =
+            let expected = [| int64 batchSize; int64 fed; int64 model.VocabSize |]
+            if logits.shape <> expected then
+                Errors.fail "the model returned logits of shape %s for %d new tokens, expected %s"
+                    (Errors.shapeText logits.shape) fed (Errors.shapeText expected)
+            // clone: the last position alone, not a view that keeps all T positions alive.
+            logits.select(1L, -1L).cpu().to_type(torch.float32).clone () // (B, V)
+        let last =
             match cache with
-            | None -> model.Logits(ids start length), length - start
+            | None -> lastOf (model.Logits(ids start length)) (length - start)
             | Some cache ->
                 // The cache is usable when it holds a prefix of the current window: same start, fewer tokens.
                 if cacheStart <> start || cache.Length >= length - start then
                     cache.Reset()
                     cacheStart <- start
                 let from = start + cache.Length
-                model.LogitsCached(ids from length, cache), length - from
-        let expected = [| int64 batchSize; int64 fed; int64 model.VocabSize |]
-        if logits.shape <> expected then
-            Errors.fail "the model returned logits of shape %s for %d new tokens, expected %s"
-                (Errors.shapeText logits.shape) fed (Errors.shapeText expected)
-        // clone: the last position alone, not a view that keeps all T positions alive.
-        let last = logits.select(1L, -1L).cpu().to_type(torch.float32).clone () // (B, V)
+                match model with
+                | :? INextTokenModel as next ->
+                    let logits = next.NextLogitsCached(ids from length, cache)
+                    let expected = [| int64 batchSize; int64 model.VocabSize |]
+                    if logits.shape <> expected then
+                        Errors.fail "the model returned next-token logits of shape %s, expected %s"
+                            (Errors.shapeText logits.shape) (Errors.shapeText expected)
+                    logits.cpu().to_type(torch.float32)
+                | _ -> lastOf (model.LogitsCached(ids from length, cache)) (length - from)
         if last.isnan().any().item<bool> () then
             Errors.fail "the model produced NaN logits at sequence length %d" length
         last.MoveToOuterDisposeScope()
