@@ -242,7 +242,8 @@ module DecoderWeights =
         let linears = p.Blocks |> Array.collect (fun b -> [| b.Attention.Qkv; b.Attention.Projection; b.Mlp.Expand; b.Mlp.Project |])
         let cpuFloat (t: torch.Tensor) = isNull t || (t.device_type = DeviceType.CPU && t.dtype = torch.float32)
         linears |> Array.forall (fun l -> l.Adapter.IsNone && cpuFloat l.Weight && cpuFloat l.Bias)
-        && cpuFloat p.TokenEmbedding && cpuFloat p.PositionEmbedding && cpuFloat p.Head
+        && p.Head.Adapter.IsNone && isNull p.Head.Bias
+        && cpuFloat p.TokenEmbedding && cpuFloat p.PositionEmbedding && cpuFloat p.Head.Weight
 
     /// The decoder's weights in `dtype` from a model's parameters: float32 tensors that are contiguous CPU float32
     /// already are shared (no copy), everything else is converted. A low-rank adapter is merged into its matrix
@@ -319,7 +320,8 @@ module DecoderWeights =
                   Expand = linear (name + ".mlp.c_fc") (4L * embedding) embedding b.Mlp.Expand
                   Project = linear (name + ".mlp.c_proj") embedding (4L * embedding) b.Mlp.Project })
         let finalNorm = norm "ln_f" p.FinalNorm
-        let head = matrix "lm_head.weight" vocabulary embedding p.Head None
+        Errors.require (isNull p.Head.Bias) "the decoder's head has no bias, but lm_head has one"
+        let head = matrix "lm_head.weight" vocabulary embedding p.Head.Weight p.Head.Adapter
         new DecoderWeights(config, dtype, blocks, tokenEmbedding, positionEmbedding, finalNorm, head, owned.ToArray())
 
     /// The decoder's weights of a GptModel (float32 views when `dtype` is Float32 and canView holds, else copies).
