@@ -73,7 +73,7 @@ Target.create "Train" (fun _ -> runGpt "train")
 
 Target.create "Bench" (fun _ -> runGpt "bench all")
 
-// Gpt.Core, Gpt.CSharp (with .snupkg symbol packages) and the gpt tool: one small package that points to a package
+// Gpt.Core, Gpt.Plot, Gpt.CSharp (with .snupkg symbol packages) and the gpt tool: one small package that points to a package
 // per platform (Gpt.Cli.linux-x64, .win-x64, .osx-arm64). The version is set in Directory.Build.props.
 Target.create "Pack" (fun _ ->
     Shell.cleanDir packages

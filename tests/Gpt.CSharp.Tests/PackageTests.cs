@@ -86,11 +86,11 @@ public class PackageTests(ITestOutputHelper log)
             var (packed, packOutput) = Run("dotnet", ["pack", "Gpt.sln", "-c", "Release", $"-p:PackageOutputPath={feed}/"], Fixtures.Root, []);
             Assert.True(packed == 0, packOutput);
         }
-        foreach (var package in new[] { "Gpt.Core", "Gpt.CSharp", "Gpt.Cli", "Gpt.Cli.linux-x64" })
+        foreach (var package in new[] { "Gpt.Core", "Gpt.Plot", "Gpt.CSharp", "Gpt.Cli", "Gpt.Cli.linux-x64" })
             Assert.True(File.Exists(Path.Combine(feed, $"{package}.{version}.nupkg")), $"{package}.{version}.nupkg is not in {feed}");
-        foreach (var package in new[] { "Gpt.Core", "Gpt.CSharp" })
+        foreach (var package in new[] { "Gpt.Core", "Gpt.Plot", "Gpt.CSharp" })
             Assert.True(File.Exists(Path.Combine(feed, $"{package}.{version}.snupkg")), $"{package}.{version}.snupkg is not in {feed}");
-        foreach (var package in new[] { "Gpt.Core", "Gpt.CSharp", "Gpt.Cli.linux-x64" })
+        foreach (var package in new[] { "Gpt.Core", "Gpt.Plot", "Gpt.CSharp", "Gpt.Cli.linux-x64" })
         {
             using var archive = System.IO.Compression.ZipFile.OpenRead(Path.Combine(feed, $"{package}.{version}.nupkg"));
             Assert.Contains(archive.Entries, e => e.FullName == "LICENSE");
