@@ -24,7 +24,9 @@ type Throughput =
       /// Sequences generated together (the figures above count the tokens of all of them).
       BatchSize: int
       /// Tokens after the first over the time after the first (the median run's): decoding alone, without the prompt.
-      DecodeTokensPerSecond: float }
+      DecodeTokensPerSecond: float
+      /// The greedy ids the first sequence got (the median run's), to check against another implementation.
+      Ids: int[] }
 
 /// Generation speed: greedy tokens per second, time to the first token, tensor handles per token.
 [<RequireQualifiedAccess>]
@@ -53,21 +55,23 @@ module GenerationBench =
             let clock = Stopwatch.StartNew()
             use window = new ContextWindow(model, prompts, options.UseKvCache)
             let mutable first = nan
+            let ids = ResizeArray<int>(options.MaxNewTokens)
             for step in 1 .. options.MaxNewTokens do
                 use scope = torch.NewDisposeScope()
                 let logits = window.NextLogits()
                 let chosen = (Sampling.greedy logits).data<int64>().ToArray() |> Array.map int
                 if step = 1 then first <- clock.Elapsed.TotalSeconds
+                ids.Add chosen[0]
                 if step < options.MaxNewTokens then window.Append chosen
             let seconds = clock.Elapsed.TotalSeconds
-            options.MaxNewTokens, first, seconds, float (created () - tensorsBefore)
+            options.MaxNewTokens, first, seconds, float (created () - tensorsBefore), ids.ToArray()
         finally
             if wasTraining then model.Training <- true
 
     /// The median of timed runs (by time; for an even count, the faster of the middle two).
-    let private summarise (promptTokens: int) (newTokens: int) (useKvCache: bool) (batch: int) (timed: (int * float * float * float)[]) =
-        let ordered = timed |> Array.sortBy (fun (_, _, seconds, _) -> seconds)
-        let generated, first, seconds, tensors = ordered[(timed.Length - 1) / 2]
+    let private summarise (promptTokens: int) (newTokens: int) (useKvCache: bool) (batch: int) (timed: (int * float * float * float * int[])[]) =
+        let ordered = timed |> Array.sortBy (fun (_, _, seconds, _, _) -> seconds)
+        let generated, first, seconds, tensors, ids = ordered[(timed.Length - 1) / 2]
         let tokens = float (newTokens * batch)
         { PromptTokens = promptTokens
           NewTokens = generated
@@ -75,10 +79,11 @@ module GenerationBench =
           FirstTokenSeconds = first
           Seconds = seconds
           TokensPerSecond = tokens / seconds
-          RunTokensPerSecond = timed |> Array.map (fun (_, _, s, _) -> tokens / s)
+          RunTokensPerSecond = timed |> Array.map (fun (_, _, s, _, _) -> tokens / s)
           TensorsPerToken = tensors / tokens
           BatchSize = batch
-          DecodeTokensPerSecond = if newTokens > 1 then float ((newTokens - 1) * batch) / (seconds - first) else nan }
+          DecodeTokensPerSecond = if newTokens > 1 then float ((newTokens - 1) * batch) / (seconds - first) else nan
+          Ids = ids }
 
     /// Prompts of a batch: different ids, the same length (a batch shares every position).
     let private prompts (model: ILanguageModel) (prompt: int[]) (batch: int) =

@@ -46,6 +46,7 @@ internal static class BenchCommand
         command.Add(Train(context));
         command.Add(Leak(context));
         command.Add(FineTuneClassify(context));
+        command.Add(Gguf(context));
         foreach (var part in Parts) command.Add(part(context));
         command.Add(All(context, command));
         return command;
@@ -185,6 +186,39 @@ internal static class BenchCommand
         command.Add(length);
         command.Add(warmup);
         command.Add(steps);
+        return command;
+    }
+
+    /// <summary><c>gpt bench gguf</c>: the model <c>gpt bench generate</c> runs, as a GGUF file for llama.cpp (issue 18's
+    /// side-by-side comparison, bench/compare-llama.sh).</summary>
+    private static Command Gguf(CliContext context)
+    {
+        var modelPath = new Option<string?>("--model") { Description = "Model source (default: the freshly initialised gpt2-small gpt bench generate runs, seed 1, tied head)." };
+        var output = new Option<string>("--out") { Description = "GGUF file to write (written under a temporary name, then renamed).", Required = true };
+        var dtype = new Option<string>("--dtype") { Description = "Matrices in f32 or f16 (vectors are always f32).", DefaultValueFactory = _ => "f32" };
+        var command = Part(context, "gguf",
+            "Write a model as GGUF v3 for llama.cpp's gpt2 architecture (GPT-2 tokenizer, bos/eos 50256), to compare generation speed with llama.cpp.",
+            parse =>
+            {
+                var matrixType = parse.GetValue(dtype) switch
+                {
+                    "f32" => GgufMatrixType.F32,
+                    "f16" => GgufMatrixType.F16,
+                    var other => throw new GptException($"--dtype: expected f32 or f16, found '{other}'"),
+                };
+                var path = parse.GetValue(modelPath);
+                using var model = GenerationBench.loadModel(path is null ? null : Microsoft.FSharp.Core.FSharpOption<string>.Some(path));
+                var file = Path.GetFullPath(parse.GetValue(output)!);
+                var tensors = Bench.Gguf.write(model, matrixType, path ?? "gpt2-small (random weights)", file);
+                return new JsonObject
+                {
+                    ["path"] = file, ["dtype"] = matrixType.Name, ["tensors"] = tensors, ["bytes"] = new FileInfo(file).Length,
+                    ["model"] = path ?? "gpt2-small (random weights)", ["parameters"] = model.ParameterCount,
+                };
+            });
+        command.Add(modelPath);
+        command.Add(output);
+        command.Add(dtype);
         return command;
     }
 

@@ -113,6 +113,7 @@ internal static class GenerateCommand
                 ["batch"] = t.BatchSize, ["kv_cache"] = t.UsedKvCache, ["seconds"] = Math.Round(t.Seconds, 3),
                 ["runs"] = t.RunTokensPerSecond.Length, ["tensors_per_token"] = Math.Round(t.TensorsPerToken, 1),
                 ["run_tokens_per_s"] = new JsonArray(t.RunTokensPerSecond.Select(r => (JsonNode?)Math.Round(r, 2)).ToArray()),
+                ["ids"] = new JsonArray(t.Ids.Select(id => (JsonNode?)id).ToArray()),
             };
             var (parallelBefore, serialBefore) = Decoder.stepCounts();
             JsonObject result;
