@@ -346,20 +346,26 @@ type internal Parallelism() =
     let mutable serialSeconds = nan
     let mutable calls = 0
 
-    /// Whether the next step should run on the pool.
+    /// Whether the next step should run on the pool. The slower way is tried again every 16th step while the two
+    /// are within 25 % of each other, every 64th when one is clearly faster (on an idle machine one thread alone
+    /// took ~1.5 times as long: each try cost ~3 % of the steps at every 16th).
     member _.UseParallel() =
         calls <- calls + 1
         if Double.IsNaN parallelSeconds then true
         elif Double.IsNaN serialSeconds then false
         else
             let faster = parallelSeconds <= serialSeconds
-            if calls % 16 = 0 then not faster else faster
+            let ratio = max parallelSeconds serialSeconds / min parallelSeconds serialSeconds
+            let every = if ratio > 1.25 then 64 else 16
+            if calls % every = 0 then not faster else faster
 
-    /// A step's time (seconds per token row), folded into the running average of its way.
+    /// A step's time (seconds per token row), folded into the running average of its way. A step counts at most
+    /// 1.5 times the average: one step delayed by another process (a worker losing its core for a millisecond) then
+    /// moves the average by at most an eighth, and only steps slow again and again (lasting load) turn the choice.
     member _.Record(onPool: bool, seconds: float) =
         if onPool then Threading.Interlocked.Increment(&parallelTotal) |> ignore
         else Threading.Interlocked.Increment(&serialTotal) |> ignore
-        let fold (average: float) = if Double.IsNaN average then seconds else 0.75 * average + 0.25 * seconds
+        let fold (average: float) = if Double.IsNaN average then seconds else 0.75 * average + 0.25 * min seconds (1.5 * average)
         if onPool then parallelSeconds <- fold parallelSeconds else serialSeconds <- fold serialSeconds
 
     /// Seconds per token row on the pool and alone (NaN: not measured yet).
