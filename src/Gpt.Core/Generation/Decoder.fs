@@ -362,14 +362,16 @@ type internal Parallelism() =
             let every = if ratio > 1.25 then 64 else 16
             if calls % every = 0 then not faster else faster
 
-    /// A step's time (seconds per token row), folded into the running average of its way. A step counts at most
-    /// 1.5 times the average: one step delayed by another process (a worker losing its core for a millisecond) then
-    /// moves the average by at most an eighth, and only steps slow again and again (lasting load) turn the choice.
+    /// A step's time (seconds per token row), folded into the running average of its way. A step faster than the
+    /// average replaces it (a step is never faster than its way can go: a faster one shows the way is faster now,
+    /// so one retry of a way that looked slow corrects it); a slower one counts at most 1.5 times the average: one
+    /// step delayed by another process (a worker losing its core for a millisecond) then moves the average by at
+    /// most an eighth, and only steps slow again and again (lasting load) turn the choice.
     member _.Record(onPool: bool, seconds: float) =
         if onPool then Threading.Interlocked.Increment(&parallelTotal) |> ignore
         else Threading.Interlocked.Increment(&serialTotal) |> ignore
         let fold (average: float) (samples: int) =
-            if samples < 2 then seconds // the first, cold sample is replaced by the second
+            if samples < 2 || seconds < average then seconds // the first, cold sample is replaced by the second
             else 0.75 * average + 0.25 * min seconds (1.5 * average)
         if onPool then
             parallelSeconds <- fold parallelSeconds parallelSamples
