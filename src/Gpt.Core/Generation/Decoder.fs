@@ -334,8 +334,8 @@ module DecoderWeights =
 /// token's step reads every weight once, and on this project's machine one core alone reads ~20 GB/s, near the
 /// memory's limit; a second thread adds bandwidth only while it has a core to itself. When other processes keep the
 /// cores busy (a shared machine), the two threads keep waiting for each other and a step took 1.3–1.5 times as long
-/// as on one thread. So each kind of step (one token per sequence, or a prompt) is timed both ways, the faster way is
-/// used, and every 16th step tries the other way again. Results do not depend on the way (each output row is the
+/// as on one thread. So each kind of step (one token per sequence, or a prompt) is timed both ways (the pool first),
+/// the faster way is used, and the other way is tried again now and then. Results do not depend on the way (each output row is the
 /// same dot product either way). Kept per model shape, dtype, batch size and kind, for the whole process.
 [<Sealed>]
 type internal Parallelism() =
@@ -345,22 +345,42 @@ type internal Parallelism() =
     let mutable parallelSeconds = nan
     let mutable serialSeconds = nan
     let mutable calls = 0
+    let mutable parallelSamples = 0
+    let mutable serialSamples = 0
 
-    /// Whether the next step should run on the pool.
+    /// Whether the next step should run on the pool. The slower way is tried again every 16th step while the two
+    /// are within 25 % of each other, every 64th when one is clearly faster (on an idle machine one thread alone
+    /// took ~1.5 times as long: each try cost ~3 % of the steps at every 16th).
     member _.UseParallel() =
         calls <- calls + 1
-        if Double.IsNaN parallelSeconds then true
-        elif Double.IsNaN serialSeconds then false
+        // The pool first, twice (its first step is cold: JIT, first touches); one thread alone first at the 16th
+        // step. Why not alone at once: a prompt is one step per generation, and a short run of generations (a
+        // benchmark's warm-up and 3 runs) then ran every other prompt alone (~40 ms instead of ~20 for 8 tokens).
+        if parallelSamples < 2 then true
+        elif Double.IsNaN serialSeconds then calls % 16 <> 0
         else
             let faster = parallelSeconds <= serialSeconds
-            if calls % 16 = 0 then not faster else faster
+            let ratio = max parallelSeconds serialSeconds / min parallelSeconds serialSeconds
+            let every = if ratio > 1.25 then 64 else 16
+            if calls % every = 0 then not faster else faster
 
-    /// A step's time (seconds per token row), folded into the running average of its way.
+    /// A step's time (seconds per token row), folded into the running average of its way. A step faster than the
+    /// average replaces it (a step is never faster than its way can go: a faster one shows the way is faster now,
+    /// so one retry of a way that looked slow corrects it); a slower one counts at most 1.5 times the average: one
+    /// step delayed by another process (a worker losing its core for a millisecond) then moves the average by at
+    /// most an eighth, and only steps slow again and again (lasting load) turn the choice.
     member _.Record(onPool: bool, seconds: float) =
         if onPool then Threading.Interlocked.Increment(&parallelTotal) |> ignore
         else Threading.Interlocked.Increment(&serialTotal) |> ignore
-        let fold (average: float) = if Double.IsNaN average then seconds else 0.75 * average + 0.25 * seconds
-        if onPool then parallelSeconds <- fold parallelSeconds else serialSeconds <- fold serialSeconds
+        let fold (average: float) (samples: int) =
+            if samples < 2 || seconds < average then seconds // the first, cold sample is replaced by the second
+            else 0.75 * average + 0.25 * min seconds (1.5 * average)
+        if onPool then
+            parallelSeconds <- fold parallelSeconds parallelSamples
+            parallelSamples <- parallelSamples + 1
+        else
+            serialSeconds <- fold serialSeconds serialSamples
+            serialSamples <- serialSamples + 1
 
     /// Seconds per token row on the pool and alone (NaN: not measured yet).
     member _.Seconds = parallelSeconds, serialSeconds
