@@ -36,6 +36,7 @@ import signal
 import struct
 import sys
 import time
+import traceback
 import uuid
 
 import numpy as np
@@ -765,12 +766,27 @@ def main(argv=None):
     rank, world, local_rank = environment()
     distributed = options["distributed"]
     _backend, device = start_group(distributed.get("backend", "auto"), local_rank)
+    code = 1
     try:
         session = Session(options, rank, world, device, distributed.get("strategy", "ddp"), Reporter(args.events, rank == 0))
         session.run(Stop(options["stop_file"]))
         dist.barrier()
+        code = 0
+    except SystemExit as exit_request:
+        code = exit_request.code if isinstance(exit_request.code, int) else (0 if exit_request.code is None else 1)
+        if isinstance(exit_request.code, str):
+            print(exit_request.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - reported, then the process ends with 1 as Python's own handler would
+        traceback.print_exc()
     finally:
         dist.destroy_process_group()
+        # Leave without the interpreter's teardown. Freeing DDP's reducer at exit frees the gloo group, which joins its
+        # worker threads while holding the GIL; a worker that is freeing a tensor waits for that GIL: a deadlock that
+        # left one process spinning forever (seen with Debian's torch 1.13, after the run had finished and written
+        # everything). Every file is closed and renamed by now; only the standard streams need flushing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
