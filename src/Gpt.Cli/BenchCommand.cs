@@ -122,15 +122,15 @@ internal static class BenchCommand
         };
         var warmup = new Option<int>("--warmup") { Description = "Untimed steps first.", DefaultValueFactory = _ => 2 };
         var steps = new Option<int>("--steps") { Description = "Timed steps (the median is reported).", DefaultValueFactory = _ => 5 };
-        var loraRank = new Option<int?>("--lora-rank") { Description = "Train LoRA adapters of this rank (every map of the blocks) on the frozen model instead of every weight." };
+        var loraRank = new Option<int?>("--lora-rank") { Description = "Train LoRA adapters of this rank (every map of the blocks) on the frozen model instead of every weight (0: every weight, as without it)." };
         var device = Commands.DeviceOption();
         var command = Part(context, "train",
             "Training speed: tokens/s, model FLOPs utilisation (MFU) against this machine's matmul speed, peak RSS, where a step's time goes.",
             parse =>
             {
-                var lora = parse.GetValue(loraRank) is { } rank
-                    ? Microsoft.FSharp.Core.FSharpOption<Gpt.Model.LoraSettings>.Some(Gpt.Model.LoraSettingsModule.create(rank, null, null))
-                    : null;
+                // 0 = every weight, as on gpt train.
+                var lora = Gpt.Model.LoraSettingsModule.ofOptions(
+                    parse.GetValue(loraRank) is { } rank ? Microsoft.FSharp.Core.FSharpOption<int>.Some(rank) : null, null, null);
                 var r = TrainBench.run(TrainBench.preset(parse.GetValue(preset)!), lora, Gpt.Model.DeviceModule.parse(parse.GetValue(device)), parse.GetValue(warmup), parse.GetValue(steps), 123);
                 var b = r.Breakdown;
                 return new JsonObject

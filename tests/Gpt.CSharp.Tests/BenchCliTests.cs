@@ -33,6 +33,22 @@ public class BenchCliTests
     }
 
     [Fact]
+    public void TrainWithLoraCountsTheAdaptersAndRankZeroTrainsEveryWeight()
+    {
+        // Preset A (C = 256, 4 layers), rank 4 on c_attn, attn.c_proj, c_fc, mlp.c_proj: 4 · 4 · (1024 + 512 + 1280 + 1280).
+        var (code, output, error) = Cli.Run(null, "bench", "train", "--preset", "A", "--lora-rank", "4", "--warmup", "0", "--steps", "1", "--format", "json");
+        Assert.True(code == 0, error);
+        var adapted = Object(output.Trim());
+        Assert.Equal(4, adapted.GetProperty("lora_rank").GetInt32());
+        Assert.Equal(65_536, adapted.GetProperty("trainable_parameters").GetInt64());
+        (code, output, error) = Cli.Run(null, "bench", "train", "--preset", "A", "--lora-rank", "0", "--warmup", "0", "--steps", "1", "--format", "json");
+        Assert.True(code == 0, error);
+        var full = Object(output.Trim());
+        Assert.Equal(JsonValueKind.Null, full.GetProperty("lora_rank").ValueKind);
+        Assert.Equal(28_953_600, full.GetProperty("trainable_parameters").GetInt64());
+    }
+
+    [Fact]
     public void GenerateReportsTheMedianOfItsRuns()
     {
         var (code, output, error) = Cli.Run(null, "bench", "generate", "--model", Fixtures.TinyGpt2, "--new-tokens", "5", "--runs", "3",
