@@ -1,5 +1,4 @@
 using System.CommandLine;
-using System.Runtime.InteropServices;
 
 namespace Gpt.Cli;
 
@@ -79,19 +78,7 @@ public static class CliApp
         if (e is null) return "unknown failure";
         if (e is AggregateException { InnerExceptions.Count: 1 } aggregate) return Describe(aggregate.InnerExceptions[0]);
         if (e is System.Reflection.TargetInvocationException { InnerException: { } inner }) return Describe(inner);
-        var first = (e.Message ?? "").Split('\n', 2)[0].Trim();
-        return e switch
-        {
-            GptException => OneLine(e.Message ?? ""),
-            OutOfMemoryException => $"out of memory ({first}): use a smaller model, batch or context",
-            InsufficientExecutionStackException => $"the input nests too deeply ({first})",
-            UnauthorizedAccessException => $"access denied: {first}",
-            IOException => $"file system error: {first}",
-            ExternalException => $"libtorch failed: {first}",
-            System.Text.Json.JsonException => $"invalid JSON: {first}",
-            System.Text.DecoderFallbackException => $"invalid UTF-8: {first}",
-            _ => $"{e.GetType().Name}: {first}",
-        };
+        return e is GptException ? OneLine(e.Message ?? "") : Facade.Describe(e);
     }
 
     private static string OneLine(string text) => string.Join(" ", text.Split('\n', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries));
