@@ -192,17 +192,36 @@ public sealed class TextClassifier : IDisposable
         return this;
     }
 
-    /// <summary>Classifies a text (GPT-2's tokenizer unless another is given).</summary>
+    /// <summary>Classifies a text (GPT-2's tokenizer unless another is given), the body's weights read in
+    /// <paramref name="dtype"/> (see <see cref="ClassifyBatch"/>).</summary>
     /// <exception cref="GptException">An empty text.</exception>
-    public ClassPrediction Classify(string text, Tokenizer? tokenizer = null) =>
-        ClassifyBatch([text ?? throw new ArgumentNullException(nameof(text))], tokenizer)[0];
+    public ClassPrediction Classify(string text, Tokenizer? tokenizer = null, Dtype dtype = Dtype.Float32) =>
+        ClassifyBatch([text ?? throw new ArgumentNullException(nameof(text))], tokenizer, dtype)[0];
 
-    /// <summary>Classifies several texts, a batch at a time.</summary>
-    public IReadOnlyList<ClassPrediction> ClassifyBatch(IEnumerable<string> texts, Tokenizer? tokenizer = null)
+    private readonly Dictionary<Dtype, Gpt.FineTuning.ClassifierDecoder> _decoders = [];
+
+    /// <summary>Classifies several texts. <paramref name="dtype"/> as in generation: <see cref="Dtype.Float32"/> reads
+    /// the classifier's own weights through the CPU decoder where it can (CPU, float32, no adapters), else runs through
+    /// TorchSharp on the classifier's device; <see cref="Dtype.Float16"/> and <see cref="Dtype.BFloat16"/> use a
+    /// half-precision copy of the body made on first use and kept with the classifier (the façade never changes a
+    /// loaded classifier's weights), on the CPU.</summary>
+    /// <exception cref="GptException">An empty text; float16 for weights beyond its range.</exception>
+    public IReadOnlyList<ClassPrediction> ClassifyBatch(IEnumerable<string> texts, Tokenizer? tokenizer = null, Dtype dtype = Dtype.Float32)
     {
         ArgumentNullException.ThrowIfNull(texts);
         var all = texts.Select(t => t ?? throw new ArgumentNullException(nameof(texts))).ToArray();
-        var predictions = Facade.Guard(() => FClassification.classify(Inner, (tokenizer ?? Tokenizer.Gpt2).Inner, all));
+        var tok = (tokenizer ?? Tokenizer.Gpt2).Inner;
+        var predictions = Facade.Guard(() =>
+        {
+            if (dtype == Dtype.Float32) return FClassification.classifyAs(Gpt.Kernels.Dtype.Float32, Inner, tok, all);
+            Gpt.FineTuning.ClassifierDecoder decoder;
+            lock (_decoders)
+            {
+                if (!_decoders.TryGetValue(dtype, out decoder!))
+                    _decoders[dtype] = decoder = FClassification.decoder(dtype == Dtype.Float16 ? Gpt.Kernels.Dtype.Float16 : Gpt.Kernels.Dtype.BFloat16, Inner);
+            }
+            return FClassification.classifyWith(decoder, tok, all);
+        });
         return predictions.Select(p => new ClassPrediction(p.Text, p.Label, p.LabelId,
             Inner.Labels.Zip(p.Probabilities).ToDictionary(x => x.First, x => x.Second), p.Logits)).ToArray();
     }
@@ -232,5 +251,13 @@ public sealed class TextClassifier : IDisposable
         pooling.IsLastPosition ? ClassifierPooling.LastPosition : ClassifierPooling.LastToken;
 
     /// <inheritdoc />
-    public void Dispose() => Inner.Dispose();
+    public void Dispose()
+    {
+        lock (_decoders)
+        {
+            foreach (var decoder in _decoders.Values) ((IDisposable)decoder).Dispose();
+            _decoders.Clear();
+        }
+        Inner.Dispose();
+    }
 }

@@ -87,6 +87,37 @@ public class ClassifierTests
         Assert.Equal("Win a prize", lines[0].GetProperty("text").GetString());
         Assert.Contains(lines[0].GetProperty("label").GetString(), new[] { "ham", "spam" });
         Assert.Equal(2, lines[0].GetProperty("logits").GetArrayLength());
+        // --dtype: the same texts through the decoder with half-precision copies of the body; the façade the same way
+        double[] Logits(JsonElement line) => line.GetProperty("logits").EnumerateArray().Select(l => l.GetDouble()).ToArray();
+        foreach (var (dtype, tolerance) in new[] { ("f16", 5e-3), ("bf16", 5e-2) })
+        {
+            (code, output, error) = Cli.Run(null, "classify", "--model", folder.Combine("c", "model"), "--text", "Win a prize", "--text", "hello",
+                "--dtype", dtype, "--format", "json");
+            Assert.True(code == 0, error);
+            var half = output.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => JsonDocument.Parse(l).RootElement).ToList();
+            Assert.Equal(2, half.Count);
+            for (var i = 0; i < 2; i++)
+            {
+                Assert.Equal(lines[i].GetProperty("text").GetString(), half[i].GetProperty("text").GetString());
+                var differences = Logits(lines[i]).Zip(Logits(half[i]), (a, b) => Math.Abs(a - b)).ToArray();
+                Assert.True(differences.Max() < tolerance, $"{dtype}: logits differ by {differences.Max()}");
+            }
+        }
+        using (var classifier = TextClassifier.Load(folder.Combine("c", "model")))
+        {
+            var texts = new[] { "Win a prize", "hello" };
+            var asTrained = classifier.ClassifyBatch(texts);
+            var bfloat = classifier.ClassifyBatch(texts, dtype: Dtype.BFloat16);
+            Assert.Equal(bfloat.Select(p => p.Logits), classifier.ClassifyBatch(texts, dtype: Dtype.BFloat16).Select(p => p.Logits)); // the kept copy
+            for (var i = 0; i < 2; i++)
+            {
+                Assert.Equal(Logits(lines[i]), asTrained[i].Logits);
+                Assert.All(asTrained[i].Logits.Zip(bfloat[i].Logits), pair => Assert.True(Math.Abs(pair.First - pair.Second) < 5e-2));
+            }
+        }
+        (code, _, error) = Cli.Run(null, "classify", "--model", folder.Combine("c", "model"), "--text", "hi", "--dtype", "f8");
+        Assert.Equal(2, code); // a usage error
+        Assert.Contains("f8", error);
 
         (code, _, error) = Cli.Run("{\"text\": \"hi\"}\n{\"txt\": 1}\n", "classify", "--model", folder.Combine("c", "model"));
         Assert.Equal(1, code);

@@ -104,6 +104,78 @@ let private smallClassifier (seed: int) =
     let config = { Body = { tinyConfig with ContextLength = 24; VocabSize = 60 }; Labels = [| "a"; "b"; "c" |]; PadTokenId = 59; Pooling = Pooling.LastToken }
     new GptClassifier(config, int64 seed)
 
+/// Logits of `classifyWith` (the decoder) and `classify` (TorchSharp) on texts of 1 to 150 tokens: the largest
+/// difference, and whether the labels agree.
+let private decoderAgainstTorch (classifier: GptClassifier) (dtype: Gpt.Kernels.Dtype) =
+    let texts =
+        [ "Hi"; "Free entry to win a prize, text WIN now"; "See you at the harbor at seven, bring the map please"
+          String.replicate 30 "Call now to claim your reward. "; String.replicate 11 "the boat is late again " ]
+    let tokenizer = Tokenizers.gpt2 ()
+    let reference = Classification.classify classifier tokenizer texts
+    use decoder = Classification.decoder dtype classifier
+    Expect.equal decoder.Dtype dtype "the decoder's dtype"
+    let decoded = Classification.classifyWith decoder tokenizer texts
+    Expect.equal (decoded |> Array.map (fun p -> p.Text)) (reference |> Array.map (fun p -> p.Text)) "one prediction per text, in order"
+    let difference =
+        Array.map2 (fun (a: Prediction) (b: Prediction) -> Array.map2 (fun x y -> abs (x - y)) a.Logits b.Logits |> Array.max) decoded reference
+        |> Array.max
+    for p in decoded do
+        Expect.floatClose Accuracy.medium (Array.sum p.Probabilities) 1.0 "probabilities sum to 1"
+    difference, Array.forall2 (fun (a: Prediction) (b: Prediction) -> a.LabelId = b.LabelId) decoded reference
+
+[<Tests>]
+let decoderTests =
+    // 50,257 tokens (GPT-2's tokenizer), 48 columns (not a multiple of the kernels' 32), a context of 80 tokens: the
+    // long texts are truncated and cross the decoder's 64-token chunks.
+    let config pooling =
+        { Body = { tinyConfig with VocabSize = 50257; ContextLength = 80; EmbeddingDim = 48; Heads = 4 }
+          Labels = [| "ham"; "spam"; "other" |]; PadTokenId = 50256; Pooling = pooling }
+    testList "classification: the decoder (--dtype)" [
+        for pooling in [ Pooling.LastToken; Pooling.LastPosition ] do
+            test (sprintf "float32 through the decoder gives the TorchSharp path's logits (%s)" pooling.Name) {
+                use classifier = new GptClassifier(config pooling, 7L)
+                classifier.eval ()
+                // a sharper head than the initial N(0, 0.02), so that the labels differ clearly between texts
+                using (torch.no_grad ()) (fun _ -> classifier.Score.weight.mul_(torch.tensor 50.0f) |> ignore)
+                let difference, sameLabels = decoderAgainstTorch classifier Gpt.Kernels.Dtype.Float32
+                printfn "classifier decoder f32 (%s): max |logits - TorchSharp| = %.3g" pooling.Name difference
+                Expect.isLessThan difference 1e-4 "float32 logits"
+                Expect.isTrue sameLabels "the same labels"
+            }
+            for dtype, tolerance in [ Gpt.Kernels.Dtype.Float16, 5e-3; Gpt.Kernels.Dtype.BFloat16, 5e-2 ] do
+                test (sprintf "%s through the decoder stays near float32 (%s)" dtype.Name pooling.Name) {
+                    use classifier = new GptClassifier(config pooling, 7L)
+                    using (torch.no_grad ()) (fun _ -> classifier.Score.weight.mul_(torch.tensor 50.0f) |> ignore)
+                    let difference, _ = decoderAgainstTorch classifier dtype
+                    printfn "classifier decoder %s (%s): max |logits - TorchSharp| = %.3g" dtype.Name pooling.Name difference
+                    Expect.isLessThan difference tolerance (sprintf "%s logits" dtype.Name)
+                    Expect.isGreaterThan difference 0.0 "the weights really are read in 16 bits"
+                }
+        test "classifyAs: float32 with low-rank adapters takes the TorchSharp path, bf16 merges them" {
+            use classifier = new GptClassifier(config Pooling.LastToken, 3L)
+            Lora.attachClassifier (LoraSettings.create 2 None None) 5L classifier |> ignore
+            // adapters that change something: B starts at zero
+            using (torch.no_grad ()) (fun _ ->
+                for name, p in classifier.named_parameters () do
+                    if name.EndsWith "lora_B" then p.normal_(0.0, 0.5) |> ignore)
+            classifier.eval ()
+            let texts = [ "Claim your prize"; "Lunch at noon?" ]
+            let tokenizer = Tokenizers.gpt2 ()
+            let reference = Classification.classify classifier tokenizer texts
+            let viaF32 = Classification.classifyAs Gpt.Kernels.Dtype.Float32 classifier tokenizer texts
+            Expect.equal (viaF32 |> Array.map (fun p -> p.Logits)) (reference |> Array.map (fun p -> p.Logits)) "TorchSharp's logits exactly"
+            let viaBf16 = Classification.classifyAs Gpt.Kernels.Dtype.BFloat16 classifier tokenizer texts
+            let difference = Array.map2 (fun (a: Prediction) (b: Prediction) -> Array.map2 (fun x y -> abs (x - y)) a.Logits b.Logits |> Array.max) viaBf16 reference |> Array.max
+            Expect.isLessThan difference 5e-2 "bf16 with the adapters merged in"
+        }
+        test "an empty text is refused by the decoder path as by TorchSharp's" {
+            use classifier = new GptClassifier(config Pooling.LastToken, 3L)
+            use decoder = Classification.decoder Gpt.Kernels.Dtype.BFloat16 classifier
+            Expect.throwsC (fun () -> Classification.classifyWith decoder (Tokenizers.gpt2 ()) [ "fine"; "" ] |> ignore)
+                (fun e -> Expect.stringContains e.Message "text 1 is empty" "names the text")
+        }
+    ]
+
 [<Tests>]
 let modelTests =
     testList "classification: the model" [

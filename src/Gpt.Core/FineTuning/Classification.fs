@@ -97,6 +97,23 @@ type Prediction =
       Probabilities: float[]
       Logits: float[] }
 
+/// A classifier laid out for the decoder (Generation/Decoder.fs): its body's weights in a Dtype (float32 views of the
+/// classifier's own weights where they can be read as they are, else copies with low-rank adapters merged in) and
+/// its score matrix in float32. Classifying a text then reads every body weight once per 64 tokens through the
+/// matrix kernels instead of libtorch. A snapshot: made from the weights as they are now. Owns native memory (and,
+/// for float32 views, keeps the classifier's weights alive): dispose it.
+[<Sealed>]
+type ClassifierDecoder internal (config: ClassifierConfig, weights: Gpt.Generation.DecoderWeights, score: float32[]) =
+    member _.Config = config
+    /// The type the body's weights are read in.
+    member _.Dtype = weights.Dtype
+    member internal _.Weights = weights
+    /// The score matrix (labels, C), row-major.
+    member internal _.Score = score
+
+    interface IDisposable with
+        member _.Dispose() = (weights :> IDisposable).Dispose()
+
 [<RequireQualifiedAccess>]
 module ClassificationOptions =
     /// The book's chapter 6 settings for a model: 5 epochs, batch 8, AdamW 5e-5 with weight decay 0.1, the last block
@@ -361,6 +378,26 @@ module Classification =
           TestAccuracy = testAccuracy; TestLoss = testLoss; TrainExamples = trainExamples.Length
           ValidationExamples = validationExamples.Length; TestExamples = testExamples.Length; TruncatedTexts = truncated }
 
+    /// A prediction from one text's label logits (float32, as computed).
+    let private predictionOf (config: ClassifierConfig) (text: string) (logits: float32[]) =
+        let values = logits |> Array.map float
+        let largest = Array.max logits
+        let exponentials = logits |> Array.map (fun l -> exp (float (l - largest)))
+        let total = Array.sum exponentials
+        let best = Array.findIndex ((=) (Array.max values)) values
+        { Text = text; LabelId = best; Label = config.Labels[best]; Probabilities = exponentials |> Array.map (fun e -> e / total)
+          Logits = values }
+
+    /// Texts as token ids for classification: each truncated to the context, none empty. Texts are classified 16 at a
+    /// time; a chunk is padded to its longest text (which decides what last-position pooling reads).
+    let private encodeChunks (config: ClassifierConfig) (tokenizer: ITokenizer) (texts: string[]) =
+        texts
+        |> Array.mapi (fun i text ->
+            let ids = tokenizer.Encode text
+            if ids.Length = 0 then Errors.fail "text %d is empty: a text needs at least one token" i
+            text, Array.truncate config.Body.ContextLength ids)
+        |> Array.chunkBySize 16
+
     /// Classifies texts, several at a time (each truncated to the context; batches padded after each text's end).
     let classify (classifier: GptClassifier) (tokenizer: ITokenizer) (texts: string seq) : Prediction[] =
         let texts = Array.ofSeq texts
@@ -369,21 +406,76 @@ module Classification =
         classifier.eval ()
         try
             use _ = torch.no_grad ()
-            [| for chunk in Array.chunkBySize 16 texts do
+            [| for chunk in encodeChunks config tokenizer texts do
                    use scope = torch.NewDisposeScope()
-                   let examples =
-                       chunk |> Array.mapi (fun i text ->
-                           let ids = tokenizer.Encode text
-                           if ids.Length = 0 then Errors.fail "text %d is empty: a text needs at least one token" i
-                           { Ids = Array.truncate config.Body.ContextLength ids; Label = 0; Truncated = false })
+                   let examples = chunk |> Array.map (fun (_, ids) -> { Ids = ids; Label = 0; Truncated = false })
                    let batch = ClassificationData.collate config.PadTokenId None examples
-                   let logits = Classifier.logits config Mode.Eval classifier.Params batch.Ids batch.Lengths
-                   let logits = logits.cpu ()
-                   let probabilities = logits.softmax(-1L)
+                   let logits = (Classifier.logits config Mode.Eval classifier.Params batch.Ids batch.Lengths).cpu().to_type(torch.float32)
                    for row in 0 .. chunk.Length - 1 do
-                       let values = logits[int64 row].data<float32>().ToArray() |> Array.map float
-                       let p = probabilities[int64 row].data<float32>().ToArray() |> Array.map float
-                       let best = Array.findIndex ((=) (Array.max values)) values
-                       yield { Text = chunk[row]; LabelId = best; Label = config.Labels[best]; Probabilities = p; Logits = values } |]
+                       yield predictionOf config (fst chunk[row]) (logits[int64 row].data<float32>().ToArray()) |]
         finally
             classifier.train wasTraining
+
+    /// The classifier's body in `dtype` for the decoder (float32: views of its own weights where they are
+    /// contiguous CPU float32 without adapters, else a copy; float16 / bfloat16: copies, adapters merged in) and its
+    /// score matrix. Made from the weights as they are now: make another after training.
+    let decoder (dtype: Gpt.Kernels.Dtype) (classifier: GptClassifier) : ClassifierDecoder =
+        if isNull (box classifier) then nullArg "classifier"
+        use _ = torch.no_grad ()
+        use scope = torch.NewDisposeScope()
+        let p = classifier.Params
+        let config = classifier.Config
+        let score = p.Score.detach().cpu().to_type(torch.float32).contiguous()
+        let expected = [| int64 config.Labels.Length; int64 config.Body.EmbeddingDim |]
+        if score.shape <> expected then
+            Errors.fail "score.weight has shape %s, expected %s" (Errors.shapeText score.shape) (Errors.shapeText expected)
+        let weights = Gpt.Generation.DecoderWeights.create config.Body p.Body dtype
+        new ClassifierDecoder(config, weights, score.data<float32>().ToArray())
+
+    /// Classifies texts as `classify` does (the same truncation, padding and pooling), through the decoder: each text
+    /// alone, last-token pooling reading its last real token, last-position pooling its chunk's padded length.
+    /// Logits agree with `classify` within float32 rounding for float32 weights (float16 / bfloat16: within what
+    /// their rounding of the weights moves them).
+    let classifyWith (decoder: ClassifierDecoder) (tokenizer: ITokenizer) (texts: string seq) : Prediction[] =
+        if isNull (box decoder) then nullArg "decoder"
+        let texts = Array.ofSeq texts
+        let config = decoder.Config
+        let embedding = config.Body.EmbeddingDim
+        let labels = config.Labels.Length
+        let score = decoder.Score
+        use state = new Gpt.Generation.DecoderState(decoder.Weights, 1)
+        let hidden = Array.zeroCreate<float32> embedding
+        let handle = Runtime.InteropServices.GCHandle.Alloc(hidden, Runtime.InteropServices.GCHandleType.Pinned)
+        try
+            [| for chunk in encodeChunks config tokenizer texts do
+                   let padded = chunk |> Array.map (fun (_, ids: int[]) -> ids.Length) |> Array.max
+                   for text, ids in chunk do
+                       let ids =
+                           match config.Pooling with
+                           | Pooling.LastToken -> ids
+                           | Pooling.LastPosition -> Array.append ids (Array.create (padded - ids.Length) config.PadTokenId)
+                       state.Reset()
+                       state.Hidden(ids, ids.Length, handle.AddrOfPinnedObject())
+                       let logits =
+                           Array.init labels (fun label ->
+                               let mutable sum = 0.0f
+                               for k in 0 .. embedding - 1 do
+                                   sum <- sum + score[label * embedding + k] * hidden[k]
+                               sum)
+                       yield predictionOf config text logits |]
+        finally
+            handle.Free()
+
+    /// Classifies texts with the body's weights read in `dtype`, as generation does (LanguageModel.ofGpt / ofGptIn):
+    /// float32 runs through the decoder over the classifier's own weights where they can be read as they are (CPU,
+    /// float32, no adapters) and through TorchSharp otherwise (another device, adapters); float16 and bfloat16 run
+    /// through the decoder over a copy made for this call (to classify many times, keep a `decoder`).
+    let classifyAs (dtype: Gpt.Kernels.Dtype) (classifier: GptClassifier) (tokenizer: ITokenizer) (texts: string seq) : Prediction[] =
+        if isNull (box classifier) then nullArg "classifier"
+        let viewable =
+            use scope = torch.NewDisposeScope()
+            Gpt.Generation.DecoderWeights.canView classifier.Params.Body
+        if dtype = Gpt.Kernels.Dtype.Float32 && not viewable then classify classifier tokenizer texts
+        else
+            use decoder = decoder dtype classifier
+            classifyWith decoder tokenizer texts

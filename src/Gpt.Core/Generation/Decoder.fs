@@ -391,6 +391,16 @@ type internal Parallelism() =
     static member For(config: GptConfig, dtype: Dtype, batchSize: int, prompt: bool) =
         known.GetOrAdd(struct (config.EmbeddingDim, config.Layers, config.VocabSize, config.ContextLength, dtype, batchSize, prompt), fun _ -> Parallelism())
 
+/// What a decoder step writes.
+[<RequireQualifiedAccess>]
+type internal DecoderOutput =
+    /// Logits of every new token.
+    | AllLogits
+    /// Logits of each sequence's last new token.
+    | LastLogits
+    /// The final LayerNorm's output for each sequence's last new token.
+    | LastHidden
+
 /// The decoding state of one batch of sequences: a float32 KV cache (B, nh, ContextLength, hs) per layer, and scratch
 /// rows for up to 64 new tokens at a time (longer prompts go through in chunks of 64, which only re-reads the
 /// weights once per 64 tokens). After creation, stepping allocates nothing. Owns native memory: dispose it.
@@ -480,11 +490,9 @@ type DecoderState(weights: DecoderWeights, batchSize: int, pool: WorkerPool, pat
     /// Steps run so far on the worker pool, and on the calling thread alone (Parallelism).
     member _.Steps = struct (parallelSteps, serialSteps)
 
-    /// Feeds `count` new tokens per sequence (ids row-major [B, count], each in the vocabulary) at positions
-    /// Length .. Length + count - 1, appending their keys and values to the cache, and writes float32 logits to
-    /// `output`: [B, count, vocab] when allPositions, else [B, vocab] for each sequence's last new token (what
-    /// generation needs: the head, a quarter of gpt2-small's weights, then runs once per sequence).
-    member _.Forward(ids: int[], count: int, output: nativeint, allPositions: bool) =
+    /// Feeds `count` new tokens per sequence and finishes with the head (logits) or the final LayerNorm alone
+    /// (hidden states).
+    member private _.Run(ids: int[], count: int, output: nativeint, finish: DecoderOutput) =
         if disposed || weights.IsDisposed then raise (ObjectDisposedException "DecoderState")
         if isNull ids then nullArg "ids"
         Errors.require (count >= 1) "at least one new token per sequence, found %d" count
@@ -509,21 +517,38 @@ type DecoderState(weights: DecoderWeights, batchSize: int, pool: WorkerPool, pat
             for layer in 0 .. config.Layers - 1 do
                 block layer fresh start
             let rows = batchSize * fresh
-            if allPositions then
+            match finish with
+            | DecoderOutput.AllLogits ->
                 normalise weights.FinalNorm rows
                 for b in 0 .. batchSize - 1 do
                     let target = Rows.offset output ((b * count + from) * vocabulary)
                     product.Set(weights.Head, 0n, Rows.offset normed.Address (b * fresh * embedding), embedding, fresh, target, vocabulary, Epilogue.Store)
                     current.Run(product, product.Chunks)
-            elif from + fresh = count then
+            | DecoderOutput.LastLogits
+            | DecoderOutput.LastHidden when from + fresh = count ->
+                let target = if finish = DecoderOutput.LastHidden then output else lastRows.Address
                 for b in 0 .. batchSize - 1 do
                     let last = Rows.offset residual.Address ((b * fresh + fresh - 1) * embedding)
-                    Rows.layerNorm weights.FinalNorm embedding last (Rows.offset lastRows.Address (b * embedding))
-                product.Set(weights.Head, 0n, lastRows.Address, embedding, batchSize, output, vocabulary, Epilogue.Store)
-                current.Run(product, product.Chunks)
+                    Rows.layerNorm weights.FinalNorm embedding last (Rows.offset target (b * embedding))
+                if finish = DecoderOutput.LastLogits then
+                    product.Set(weights.Head, 0n, lastRows.Address, embedding, batchSize, output, vocabulary, Epilogue.Store)
+                    current.Run(product, product.Chunks)
+            | _ -> ()
             from <- from + fresh
         length <- length + count
         way.Record(onPool, clock.Elapsed.TotalSeconds / float (batchSize * count))
+
+    /// Feeds `count` new tokens per sequence (ids row-major [B, count], each in the vocabulary) at positions
+    /// Length .. Length + count - 1, appending their keys and values to the cache, and writes float32 logits to
+    /// `output`: [B, count, vocab] when allPositions, else [B, vocab] for each sequence's last new token (what
+    /// generation needs: the head, a quarter of gpt2-small's weights, then runs once per sequence).
+    member this.Forward(ids: int[], count: int, output: nativeint, allPositions: bool) =
+        this.Run(ids, count, output, (if allPositions then DecoderOutput.AllLogits else DecoderOutput.LastLogits))
+
+    /// As Forward, but writes each sequence's last new token's hidden state after the final LayerNorm (float32
+    /// [B, C]) instead of logits: the head is not read (a classifier puts its own head on it).
+    member this.Hidden(ids: int[], count: int, output: nativeint) =
+        this.Run(ids, count, output, DecoderOutput.LastHidden)
 
     interface IDisposable with
         member _.Dispose() =
