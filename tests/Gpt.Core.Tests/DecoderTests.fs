@@ -25,7 +25,7 @@ let private torchType (dtype: Dtype) =
     | Dtype.Float16 -> torch.float16
     | Dtype.BFloat16 -> torch.bfloat16
 
-let private paths = [ MatVecPath.Avx2; MatVecPath.Portable ] |> List.filter MatVec.supported
+let private paths = [ MatVecPath.Avx512; MatVecPath.Avx2; MatVecPath.Portable ] |> List.filter MatVec.supported
 
 let private epilogues = [ Epilogue.Store; Epilogue.Add; Epilogue.Gelu ]
 

@@ -5,6 +5,7 @@ namespace Gpt.Kernels
 
 open System
 open System.Numerics
+open System.Runtime.CompilerServices
 open System.Runtime.InteropServices
 open System.Runtime.Intrinsics
 open System.Runtime.Intrinsics.X86
@@ -55,6 +56,9 @@ module Dtype =
 type MatVecPath =
     | Avx2
     | Portable
+    /// AVX-512F (16 floats per instruction, 32 vector registers): the AVX2 path's design at twice the width, and a
+    /// prompt kernel that reads two weight rows against eight activation rows at a time.
+    | Avx512
 
 /// A row-major weight matrix [Rows, Columns] at Address (native memory that someone else keeps alive), in Dtype.
 [<Struct>]
@@ -371,6 +375,171 @@ module internal Avx2Kernels16 =
         NativePtr.set results 6 r6
         NativePtr.set results 7 r7
 
+/// The AVX-512 kernels: the weights at 16 lanes per instruction. 16-bit weights are widened by a zero-extending move
+/// (vpmovzxwd) and a shift into the upper halves of float32 lanes, in order, so the activations are staged in their
+/// own order (float16: × 2^56, as on the AVX2 path, whose exponent trick this shares). Prompts and batches go two
+/// weight rows against eight activation rows at a time: 16 sums in registers, each activation vector loaded once for
+/// two rows and each weight vector once for eight tokens, so the kernel is bound by multiply-adds, not loads.
+module internal Avx512Kernels =
+    let inline loadF32 (address: nativeint) = Avx512F.LoadVector512(NativePtr.ofNativeInt<float32> address)
+
+    /// 16 bfloat16 / float16 weights in the upper halves of 16 int32 lanes.
+    let inline upper16 (address: nativeint) =
+        Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512Int32(Avx.LoadVector256(NativePtr.ofNativeInt<uint16> address)), 16uy)
+
+    let inline bfloat (upper: Vector512<int>) = upper.AsSingle()
+
+    /// float16 in a float32 lane, 2^-112 too small (Avx2Kernels16's trick): sign kept by the arithmetic shift.
+    let inline half (mask: Vector512<int>) (upper: Vector512<int>) = Avx512F.And(Avx512F.ShiftRightArithmetic(upper, 3uy), mask).AsSingle()
+
+    let f16Mask () = Vector512.Create(0x8FFFE000)
+
+    let inline private x16 (x: nativeint) (k: int) = Avx512F.LoadVector512(NativePtr.add (NativePtr.ofNativeInt<float32> x) k)
+    let inline private xAt (x: nativeint) (k: int) = NativePtr.get (NativePtr.ofNativeInt<float32> x) k
+    let inline private fma (a: Vector512<float32>) (b: Vector512<float32>) (c: Vector512<float32>) = Avx512F.FusedMultiplyAdd(a, b, c)
+
+    /// One weight row (16 columns per `load`, `bytes` per element) with one activation row xs (plain: x, for the
+    /// scalar tail): 4 independent sums over 64 columns per step.
+    let inline dotRow
+        ([<InlineIfLambda>] load: nativeint -> Vector512<float32>)
+        ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
+        (bytes: int) (w: nativeint) (xs: nativeint) (x: nativeint) (columns: int) (sumScale: float32) =
+        let step = nativeint (16 * bytes)
+        let mutable a0 = Vector512<float32>.Zero
+        let mutable a1 = Vector512<float32>.Zero
+        let mutable a2 = Vector512<float32>.Zero
+        let mutable a3 = Vector512<float32>.Zero
+        let mutable k = 0
+        while k + 64 <= columns do
+            let at = w + nativeint (k * bytes)
+            a0 <- fma (load at) (x16 xs k) a0
+            a1 <- fma (load (at + step)) (x16 xs (k + 16)) a1
+            a2 <- fma (load (at + 2n * step)) (x16 xs (k + 32)) a2
+            a3 <- fma (load (at + 3n * step)) (x16 xs (k + 48)) a3
+            k <- k + 64
+        while k + 16 <= columns do
+            a0 <- fma (load (w + nativeint (k * bytes))) (x16 xs k) a0
+            k <- k + 16
+        let mutable sum = Vector512.Sum((a0 + a1) + (a2 + a3)) * sumScale
+        while k < columns do
+            sum <- sum + scalar w k * xAt x k
+            k <- k + 1
+        sum
+
+    /// Two weight rows (w0, w1) with 8 activation rows (staged s0 .. s7; plain x0 .. x7 for the scalar tail): the 16
+    /// dot products to results[r · 8 + t].
+    let inline dot2x8
+        ([<InlineIfLambda>] load: nativeint -> Vector512<float32>)
+        ([<InlineIfLambda>] scalar: nativeint -> int -> float32)
+        (bytes: int) (w0: nativeint) (w1: nativeint)
+        (s0: nativeint) (s1: nativeint) (s2: nativeint) (s3: nativeint) (s4: nativeint) (s5: nativeint) (s6: nativeint) (s7: nativeint)
+        (x0: nativeint) (x1: nativeint) (x2: nativeint) (x3: nativeint) (x4: nativeint) (x5: nativeint) (x6: nativeint) (x7: nativeint)
+        (columns: int) (sumScale: float32) (results: nativeptr<float32>) =
+        // The plain activation rows of the scalar tail, on the stack. Also why the kernel is compiled fully optimised
+        // at once: .NET's tiered JIT compiles a method with loops quickly and poorly first, unless it allocates on the
+        // stack (F# cannot mark a method AggressiveOptimization); a prompt step does not wait for tier 1.
+        let plain = NativePtr.stackalloc<nativeint> 8
+        let mutable a0 = Vector512<float32>.Zero
+        let mutable a1 = Vector512<float32>.Zero
+        let mutable a2 = Vector512<float32>.Zero
+        let mutable a3 = Vector512<float32>.Zero
+        let mutable a4 = Vector512<float32>.Zero
+        let mutable a5 = Vector512<float32>.Zero
+        let mutable a6 = Vector512<float32>.Zero
+        let mutable a7 = Vector512<float32>.Zero
+        let mutable b0 = Vector512<float32>.Zero
+        let mutable b1 = Vector512<float32>.Zero
+        let mutable b2 = Vector512<float32>.Zero
+        let mutable b3 = Vector512<float32>.Zero
+        let mutable b4 = Vector512<float32>.Zero
+        let mutable b5 = Vector512<float32>.Zero
+        let mutable b6 = Vector512<float32>.Zero
+        let mutable b7 = Vector512<float32>.Zero
+        let mutable k = 0
+        while k + 16 <= columns do
+            let offset = nativeint (k * bytes)
+            let u = load (w0 + offset)
+            let v = load (w1 + offset)
+            let x = x16 s0 k
+            a0 <- fma u x a0
+            b0 <- fma v x b0
+            let x = x16 s1 k
+            a1 <- fma u x a1
+            b1 <- fma v x b1
+            let x = x16 s2 k
+            a2 <- fma u x a2
+            b2 <- fma v x b2
+            let x = x16 s3 k
+            a3 <- fma u x a3
+            b3 <- fma v x b3
+            let x = x16 s4 k
+            a4 <- fma u x a4
+            b4 <- fma v x b4
+            let x = x16 s5 k
+            a5 <- fma u x a5
+            b5 <- fma v x b5
+            let x = x16 s6 k
+            a6 <- fma u x a6
+            b6 <- fma v x b6
+            let x = x16 s7 k
+            a7 <- fma u x a7
+            b7 <- fma v x b7
+            k <- k + 16
+        let vectorEnd = k
+        NativePtr.set results 0 (Vector512.Sum a0 * sumScale)
+        NativePtr.set results 1 (Vector512.Sum a1 * sumScale)
+        NativePtr.set results 2 (Vector512.Sum a2 * sumScale)
+        NativePtr.set results 3 (Vector512.Sum a3 * sumScale)
+        NativePtr.set results 4 (Vector512.Sum a4 * sumScale)
+        NativePtr.set results 5 (Vector512.Sum a5 * sumScale)
+        NativePtr.set results 6 (Vector512.Sum a6 * sumScale)
+        NativePtr.set results 7 (Vector512.Sum a7 * sumScale)
+        NativePtr.set results 8 (Vector512.Sum b0 * sumScale)
+        NativePtr.set results 9 (Vector512.Sum b1 * sumScale)
+        NativePtr.set results 10 (Vector512.Sum b2 * sumScale)
+        NativePtr.set results 11 (Vector512.Sum b3 * sumScale)
+        NativePtr.set results 12 (Vector512.Sum b4 * sumScale)
+        NativePtr.set results 13 (Vector512.Sum b5 * sumScale)
+        NativePtr.set results 14 (Vector512.Sum b6 * sumScale)
+        NativePtr.set results 15 (Vector512.Sum b7 * sumScale)
+        if vectorEnd < columns then
+            NativePtr.set plain 0 x0
+            NativePtr.set plain 1 x1
+            NativePtr.set plain 2 x2
+            NativePtr.set plain 3 x3
+            NativePtr.set plain 4 x4
+            NativePtr.set plain 5 x5
+            NativePtr.set plain 6 x6
+            NativePtr.set plain 7 x7
+            for t in 0 .. 7 do
+                for j in vectorEnd .. columns - 1 do
+                    let xj = xAt (NativePtr.get plain t) j
+                    NativePtr.set results t (NativePtr.get results t + scalar w0 j * xj)
+                    NativePtr.set results (8 + t) (NativePtr.get results (8 + t) + scalar w1 j * xj)
+
+    /// dot2x8 and dotRow for each weight type, each its own (small) method: inlined into the row loops, the kernels'
+    /// 16 accumulators were kept on the stack instead of in registers (the JIT stops tracking locals in large methods).
+    [<MethodImpl(MethodImplOptions.NoInlining)>]
+    let dot2x8F32 w0 w1 s0 s1 s2 s3 s4 s5 s6 s7 x0 x1 x2 x3 x4 x5 x6 x7 columns results =
+        dot2x8 loadF32 Avx2Kernels.scalarF32 4 w0 w1 s0 s1 s2 s3 s4 s5 s6 s7 x0 x1 x2 x3 x4 x5 x6 x7 columns 1.0f results
+
+    [<MethodImpl(MethodImplOptions.NoInlining)>]
+    let dot2x8BF16 w0 w1 s0 s1 s2 s3 s4 s5 s6 s7 x0 x1 x2 x3 x4 x5 x6 x7 columns results =
+        dot2x8 (fun a -> bfloat (upper16 a)) Avx2Kernels.scalarBF16 2 w0 w1 s0 s1 s2 s3 s4 s5 s6 s7 x0 x1 x2 x3 x4 x5 x6 x7 columns 1.0f results
+
+    [<MethodImpl(MethodImplOptions.NoInlining)>]
+    let dot2x8F16 w0 w1 s0 s1 s2 s3 s4 s5 s6 s7 x0 x1 x2 x3 x4 x5 x6 x7 columns results =
+        let mask = f16Mask ()
+        dot2x8 (fun a -> half mask (upper16 a)) Avx2Kernels.scalarF16 2 w0 w1 s0 s1 s2 s3 s4 s5 s6 s7 x0 x1 x2 x3 x4 x5 x6 x7 columns Avx2Kernels16.halfScale results
+
+    let inline dotRowF32 w xs x columns = dotRow loadF32 Avx2Kernels.scalarF32 4 w xs x columns 1.0f
+
+    let inline dotRowBF16 w xs x columns = dotRow (fun a -> bfloat (upper16 a)) Avx2Kernels.scalarBF16 2 w xs x columns 1.0f
+
+    let inline dotRowF16 w xs x columns =
+        let mask = f16Mask ()
+        dotRow (fun a -> half mask (upper16 a)) Avx2Kernels.scalarF16 2 w xs x columns Avx2Kernels16.halfScale
+
 /// The portable kernel: one weight row against one activation row with System.Numerics.Vector (whatever width the
 /// processor has); 16-bit weights are widened with the same bit operations as the AVX2 path.
 module internal PortableKernels =
@@ -502,6 +671,51 @@ module internal Products =
         let mask = Avx2Kernels.f16Mask ()
         rows16 (Avx2Kernels16.half mask) Avx2Kernels.scalarF16 Avx2Kernels16.halfScale p first last out
 
+    /// The AVX-512 loops: x is the staged activations for 16-bit weights (identity order, float16 × 2^56), the
+    /// plain ones for float32. Rows go in pairs through dot2x8 (a last odd row pairs with itself; its copy is not
+    /// stored), so a row's result does not depend on where a chunk starts (chunks hold a multiple of 4 rows).
+    let inline private rows512
+        ([<InlineIfLambda>] one: nativeint -> nativeint -> nativeint -> int -> float32)
+        ([<InlineIfLambda>] eight: nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> nativeint -> int -> nativeptr<float32> -> unit)
+        (p: Product) (first: int) (last: int) (out: nativeptr<float32>) =
+        let columns = p.Matrix.Columns
+        let tokens = p.Tokens
+        let staged (index: int) = if p.Staged = 0n then token p index else p.Staged + nativeint (index * columns * 4)
+        if tokens = 1 then
+            let xs, x = staged 0, p.X
+            for r in first .. last - 1 do
+                NativePtr.set out (r - first) (one (row p r) xs x columns)
+        else
+            let results = NativePtr.stackalloc<float32> 16
+            let mutable r = first
+            while r < last do
+                let w0 = row p r
+                let pair = r + 1 < last
+                let w1 = if pair then row p (r + 1) else w0
+                let mutable t = 0
+                while t < tokens do
+                    let count = min 8 (tokens - t)
+                    // a last group of fewer than 8 tokens repeats its last token; the repeats are not stored
+                    let i0, i1, i2, i3 = t, t + min 1 (count - 1), t + min 2 (count - 1), t + min 3 (count - 1)
+                    let i4, i5, i6, i7 = t + min 4 (count - 1), t + min 5 (count - 1), t + min 6 (count - 1), t + min 7 (count - 1)
+                    eight w0 w1 (staged i0) (staged i1) (staged i2) (staged i3) (staged i4) (staged i5) (staged i6) (staged i7)
+                        (token p i0) (token p i1) (token p i2) (token p i3) (token p i4) (token p i5) (token p i6) (token p i7)
+                        columns results
+                    for i in 0 .. count - 1 do
+                        NativePtr.set out ((r - first) * tokens + t + i) (NativePtr.get results i)
+                        if pair then NativePtr.set out ((r + 1 - first) * tokens + t + i) (NativePtr.get results (8 + i))
+                    t <- t + 8
+                r <- r + 2
+
+    let compute512F32 (p: Product) (first: int) (last: int) (out: nativeptr<float32>) =
+        rows512 Avx512Kernels.dotRowF32 Avx512Kernels.dot2x8F32 p first last out
+
+    let compute512BF16 (p: Product) (first: int) (last: int) (out: nativeptr<float32>) =
+        rows512 Avx512Kernels.dotRowBF16 Avx512Kernels.dot2x8BF16 p first last out
+
+    let compute512F16 (p: Product) (first: int) (last: int) (out: nativeptr<float32>) =
+        rows512 Avx512Kernels.dotRowF16 Avx512Kernels.dot2x8F16 p first last out
+
     let computePortable (p: Product) (first: int) (last: int) (out: nativeptr<float32>) =
         for r in first .. last - 1 do
             for t in 0 .. p.Tokens - 1 do
@@ -513,6 +727,9 @@ module internal Products =
         | MatVecPath.Avx2, Dtype.Float32 -> computeF32 p first last out
         | MatVecPath.Avx2, Dtype.BFloat16 -> computeBF16 p first last out
         | MatVecPath.Avx2, Dtype.Float16 -> computeF16 p first last out
+        | MatVecPath.Avx512, Dtype.Float32 -> compute512F32 p first last out
+        | MatVecPath.Avx512, Dtype.BFloat16 -> compute512BF16 p first last out
+        | MatVecPath.Avx512, Dtype.Float16 -> compute512F16 p first last out
         | MatVecPath.Portable, _ -> computePortable p first last out
 
     /// Bias and epilogue: the value z of row r for token t, finished and written to Y.
@@ -578,7 +795,7 @@ type MatVecJob(path: MatVecPath, speculative: bool) =
         let scale = if weights.Dtype = Dtype.Float16 then Avx2Kernels16.halfScale else 1.0f
         let columns = weights.Columns
         let blocks = Avx2Kernels16.vectorColumns columns
-        let order = Avx2Kernels16.order
+        let order = if path = MatVecPath.Avx512 then Array.init 16 id else Avx2Kernels16.order
         for t in 0 .. tokens - 1 do
             let source = NativePtr.ofNativeInt<float32> (input + nativeint (t * inputStride * 4))
             let target = NativePtr.ofNativeInt<float32> (stage + nativeint (t * columns * 4))
@@ -609,7 +826,7 @@ type MatVecJob(path: MatVecPath, speculative: bool) =
         let rowBytes = int weights.RowBytes
         let rowsPerChunk = max 4 ((chunkBytes (int64 weights.Rows * int64 rowBytes) / max 1 rowBytes) &&& ~~~3)
         let staged =
-            if path = MatVecPath.Avx2 && weights.Dtype <> Dtype.Float32 then stageFor weights input inputStride tokenCount else 0n
+            if path <> MatVecPath.Portable && weights.Dtype <> Dtype.Float32 then stageFor weights input inputStride tokenCount else 0n
         product <-
             { Matrix = weights; Bias = biasAddress; X = input; XStride = inputStride; Tokens = tokenCount
               Y = output; YStride = outputStride; Epilogue = finishing; RowsPerChunk = rowsPerChunk; Staged = staged }
@@ -648,14 +865,18 @@ type MatVecJob(path: MatVecPath, speculative: bool) =
 /// Matrix-vector products for generation (MatVecJob).
 [<RequireQualifiedAccess>]
 module MatVec =
-    /// The fastest path this processor supports.
-    let best = if Avx2.IsSupported && Fma.IsSupported then MatVecPath.Avx2 else MatVecPath.Portable
-
     /// Whether a path can run on this processor.
     let supported (path: MatVecPath) =
         match path with
+        | MatVecPath.Avx512 -> Avx512F.IsSupported && Avx2.IsSupported && Fma.IsSupported
         | MatVecPath.Avx2 -> Avx2.IsSupported && Fma.IsSupported
         | MatVecPath.Portable -> true
+
+    /// The fastest path this processor supports.
+    let best =
+        if supported MatVecPath.Avx512 then MatVecPath.Avx512
+        elif supported MatVecPath.Avx2 then MatVecPath.Avx2
+        else MatVecPath.Portable
 
     /// One product on a pool (allocates a job: for repeated calls, keep a MatVecJob).
     let multiply (pool: WorkerPool) (path: MatVecPath) (weights: WeightMatrix) (bias: nativeint) (x: nativeint) (tokens: int) (y: nativeint) (epilogue: Epilogue) =
