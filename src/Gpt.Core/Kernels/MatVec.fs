@@ -601,7 +601,7 @@ type internal Product =
       Epilogue: Epilogue
       RowsPerChunk: int
       /// 16-bit weights on the AVX2 path: the activations staged in Avx2Kernels16.order (float16: × 2^56), Columns
-      /// floats per token; otherwise 0n.
+      /// floats per token; float16 on the AVX-512 path: staged in order, × 2^56; otherwise 0n (read in place).
       Staged: nativeint }
 
 /// The loops around the kernels: rows first .. last - 1 of a product, the raw dot products (no bias, no epilogue)
@@ -797,16 +797,29 @@ type MatVecJob(path: MatVecPath, speculative: bool) =
             stage <- NativePtr.toNativeInt (NativePtr.ofVoidPtr<byte> (NativeMemory.AlignedAlloc(unativeint stageBytes, 64un)))
         let scale = if weights.Dtype = Dtype.Float16 then Avx2Kernels16.halfScale else 1.0f
         let columns = weights.Columns
-        let blocks = Avx2Kernels16.vectorColumns columns
-        let order = if path = MatVecPath.Avx512 then Array.init 16 id else Avx2Kernels16.order
         for t in 0 .. tokens - 1 do
             let source = NativePtr.ofNativeInt<float32> (input + nativeint (t * inputStride * 4))
             let target = NativePtr.ofNativeInt<float32> (stage + nativeint (t * columns * 4))
-            let mutable block = 0
-            while block < blocks do
-                for j in 0 .. 15 do
-                    NativePtr.set target (block + j) (NativePtr.get source (block + order[j]) * scale)
-                block <- block + 16
+            if path = MatVecPath.Avx512 then
+                // in order (the AVX-512 kernels widen weights in order): the scale alone
+                let factor = Vector<float32>(scale)
+                let width = Vector<float32>.Count
+                let mutable k = 0
+                while k + width <= columns do
+                    NativePtr.write (NativePtr.ofNativeInt<Vector<float32>> (NativePtr.toNativeInt (NativePtr.add target k)))
+                        (factor * NativePtr.read (NativePtr.ofNativeInt<Vector<float32>> (NativePtr.toNativeInt (NativePtr.add source k))))
+                    k <- k + width
+                while k < columns do
+                    NativePtr.set target k (NativePtr.get source k * scale)
+                    k <- k + 1
+            else
+                let blocks = Avx2Kernels16.vectorColumns columns
+                let order = Avx2Kernels16.order
+                let mutable block = 0
+                while block < blocks do
+                    for j in 0 .. 15 do
+                        NativePtr.set target (block + j) (NativePtr.get source (block + order[j]) * scale)
+                    block <- block + 16
         stage
 
     let range (p: Product) (chunk: int) = chunk * p.RowsPerChunk, min p.Matrix.Rows ((chunk + 1) * p.RowsPerChunk)
@@ -835,7 +848,11 @@ type MatVecJob(path: MatVecPath, speculative: bool) =
         let even = if wanted > 1L then (wanted + 1L) &&& ~~~1L else 1L
         let rowsPerChunk = max 4 (((int ((int64 weights.Rows + even - 1L) / even)) + 3) &&& ~~~3)
         let staged =
-            if path <> MatVecPath.Portable && weights.Dtype <> Dtype.Float32 then stageFor weights input inputStride tokenCount else 0n
+            match path, weights.Dtype with
+            | MatVecPath.Portable, _
+            | _, Dtype.Float32
+            | MatVecPath.Avx512, Dtype.BFloat16 -> 0n // read in place (AVX-512 widens bfloat16 in order, exactly)
+            | _ -> stageFor weights input inputStride tokenCount
         product <-
             { Matrix = weights; Bias = biasAddress; X = input; XStride = inputStride; Tokens = tokenCount
               Y = output; YStride = outputStride; Epilogue = finishing; RowsPerChunk = rowsPerChunk; Staged = staged }
