@@ -263,6 +263,29 @@ let private hasLoneSurrogate (text: string) =
 [<Tests>]
 let generationTests =
     testList "generation" [
+        testPropertyWithConfig { propertyConfig with maxTest = 200 } "greedy picks torch.argmax's token: ties (the first wins), ±0, ±infinity" <| fun (seed: int) (width: PositiveInt) (rows: PositiveInt) ->
+            // The generation loop reads float32 CPU logits in place for its argmax and NaN check; this holds it to
+            // libtorch's argmax on rows made of few distinct values (so ties are common), widths across the vector size.
+            let vocabulary = 1 + width.Get % 70
+            let batch = 1 + rows.Get % 3
+            let random = Random seed
+            let choices = [| Single.NegativeInfinity; -1.0f; -0.0f; 0.0f; 1.0f; 2.0f; Single.PositiveInfinity |]
+            let values = Array.init (batch * vocabulary) (fun _ -> choices[random.Next(if random.Next 4 = 0 then choices.Length else choices.Length - 1)])
+            use table = torch.tensor(values, ReadOnlySpan<int64> [| int64 batch; int64 vocabulary |])
+            let model =
+                { new ILanguageModel with
+                    member _.VocabSize = vocabulary
+                    member _.ContextLength = 8
+                    member _.Device = torch.CPU
+                    member _.Training with get () = false and set (_: bool) = ()
+                    member _.Logits ids = table.unsqueeze(1L).expand(int64 batch, ids.shape[1], int64 vocabulary).contiguous()
+                    member _.CreateCache _ = failwith "no cache"
+                    member _.LogitsCached(_, _) = failwith "no cache" }
+            let options = { GenerationOptions.defaults with MaxNewTokens = 1; EndOfTextId = None; UseKvCache = false }
+            let chosen = Generator.generate model options (Array.init batch (fun _ -> [| 0 |])) |> Array.map (fun c -> c.Tokens[0])
+            use expected = table.argmax(-1L)
+            Expect.equal chosen (expected.data<int64>().ToArray() |> Array.map int) "torch.argmax's ids"
+
         testPropertyWithConfig { propertyConfig with maxTest = 40 } "cached and uncached generation agree: same greedy ids, logits within 1e-4, also past the context"
         <| Prop.forAll cacheCases (fun case ->
             let model, language = tiny case.Vocabulary case.Context (case.Heads * case.HeadSize) case.Heads case.Layers (int64 case.Seed)
