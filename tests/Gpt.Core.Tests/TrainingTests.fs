@@ -172,3 +172,30 @@ let optimizerTests =
             moments.Remove "head.bias.exp_avg" |> ignore
             throwsGpt [ "missing tensors: head.bias.exp_avg" ] (fun () -> Optimizer.restoreState "test" other moments steps) "missing"
     ]
+
+[<Tests>]
+let fineTuningRunFileTests =
+    testList "run.json of fine-tuning runs" [
+        testCase "read within the size limit, with the task checked and named" <| fun () ->
+            use dir = new TempDir()
+            let file = IO.Path.Combine(dir.Path, RunFile.fileName)
+            throwsGpt [ "has no run.json"; "an instruction run" ] (fun () -> RunFile.readTask dir.Path "instruction" "an" |> ignore) "missing"
+            IO.File.WriteAllText(file, """{"task": "classification", "model": "m"}""")
+            let path, json = RunFile.readTask dir.Path "classification" "a"
+            Expect.equal path file "the file"
+            Expect.equal (json["model"].GetValue<string>()) "m" "its JSON"
+            throwsGpt [ "\"classification\" run, not an instruction run" ] (fun () -> RunFile.readTask dir.Path "instruction" "an" |> ignore) "another task"
+            IO.File.WriteAllText(file, """{"model": "m"}""")
+            throwsGpt [ "pretraining run, not a classification run"; "gpt train --resume" ] (fun () -> RunFile.readTask dir.Path "classification" "a" |> ignore) "no task"
+            IO.File.WriteAllText(file, """{"task": 7}""")
+            throwsGpt [ "is a 7 run, not a classification run" ] (fun () -> RunFile.readTask dir.Path "classification" "a" |> ignore) "a task that is not text"
+            IO.File.WriteAllText(file, "null")
+            throwsGpt [ "expected a JSON object" ] (fun () -> RunFile.readTask dir.Path "classification" "a" |> ignore) "null"
+            IO.File.WriteAllText(file, "{\"task\": ")
+            throwsGpt [ "not valid JSON" ] (fun () -> RunFile.readTask dir.Path "classification" "a" |> ignore) "cut short"
+            // a 17 MB run.json (sparse: nothing is written) is refused before it is read
+            do
+                use stream = new IO.FileStream(file, IO.FileMode.Create)
+                stream.SetLength(17L * 1024L * 1024L)
+            throwsGpt [ "run file" ] (fun () -> RunFile.readTask dir.Path "classification" "a" |> ignore) "too large"
+    ]

@@ -302,16 +302,8 @@ module Classification =
         let directory = Checkpoint.resolve path
         let stored = TrainerOptions.ofJson (Checkpoint.read directory).TrainingOptions
         let runDirectory = RunOptions.runDirectoryOf directory
-        let file = Path.Combine(runDirectory, RunFile.fileName)
-        if not (File.Exists file) then Errors.fail "'%s' has no %s: it is not the folder of a classification run" runDirectory RunFile.fileName
-        let json =
-            try JsonNode.Parse(File.ReadAllText file)
-            with :? JsonException as e -> raise (GptException(sprintf "'%s' is not valid JSON: %s" file e.Message, e))
-        match json["task"] with
-        | null -> Errors.fail "'%s' is a pretraining run, not a classification run: resume it with gpt train --resume" runDirectory
-        | task when task.GetValue<string>() <> "classification" ->
-            Errors.fail "'%s' is a %s run, not a classification run" runDirectory (task.GetValue<string>())
-        | _ -> ClassificationOptions.ofJson file json stored runDirectory path
+        let file, json = RunFile.readTask runDirectory "classification" "a"
+        ClassificationOptions.ofJson file json stored runDirectory path
 
     /// Accuracy and loss over every batch of a split (None when it has no examples).
     let private evaluateAll (classifier: GptClassifier) (batchSize: int) (padTokenId: int) (length: int option) (examples: ClassificationExample[]) =

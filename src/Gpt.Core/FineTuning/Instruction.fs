@@ -173,14 +173,8 @@ module Instruction =
         let directory = Checkpoint.resolve path
         let stored = TrainerOptions.ofJson (Checkpoint.read directory).TrainingOptions
         let runDirectory = RunOptions.runDirectoryOf directory
-        let file = Path.Combine(runDirectory, RunFile.fileName)
-        if not (File.Exists file) then Errors.fail "'%s' has no %s: it is not the folder of an instruction run" runDirectory RunFile.fileName
-        let json =
-            try JsonNode.Parse(File.ReadAllText file)
-            with :? JsonException as e -> raise (GptException(sprintf "'%s' is not valid JSON: %s" file e.Message, e))
-        match json["task"] with
-        | task when not (isNull task) && task.GetValue<string>() = "instruction" -> InstructionOptions.ofJson file json stored runDirectory path
-        | _ -> Errors.fail "'%s' is not an instruction run (see its run.json)" runDirectory
+        let file, json = RunFile.readTask runDirectory "instruction" "an"
+        InstructionOptions.ofJson file json stored runDirectory path
 
     /// The model an instruction run trains: a checkpoint's whole model (resume) or the starting model (a new run,
     /// or a LoRA run's checkpoint, which holds only the adapters), with the run's dropout.

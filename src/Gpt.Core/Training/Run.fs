@@ -251,6 +251,21 @@ module RunFile =
             Some(LoraSettings.create (json["rank"].GetValue<int>()) (Some(json["alpha"].GetValue<float>()))
                      (Some [ for t in json["targets"].AsArray() -> t.GetValue<string>() ]))
 
+    /// A fine-tuning run's run.json (read within BoundedFile's limit) and its path, after checking that it records
+    /// `task` ("classification", "instruction"); `article` is "a" or "an" for the messages.
+    let readTask (runDirectory: string) (task: string) (article: string) : string * JsonNode =
+        let file = Path.Combine(runDirectory, fileName)
+        if not (File.Exists file) then Errors.fail "'%s' has no %s: it is not the folder of %s %s run" runDirectory fileName article task
+        let json =
+            try JsonNode.Parse(BoundedFile.readText "run file" BoundedFile.defaultLimit file)
+            with :? JsonException as e -> raise (GptException(sprintf "'%s' is not valid JSON: %s" file e.Message, e))
+        if isNull json then Errors.fail "'%s' is empty (null): expected a JSON object" file
+        match json["task"] with
+        | null -> Errors.fail "'%s' is a pretraining run, not %s %s run: resume it with gpt train --resume" runDirectory article task
+        | recorded when recorded.GetValueKind() <> JsonValueKind.String || recorded.GetValue<string>() <> task ->
+            Errors.fail "'%s' is a %s run, not %s %s run" runDirectory (recorded.ToJsonString()) article task
+        | _ -> file, json
+
     /// Writes a run.json, atomically.
     let writeJson (runDirectory: string) (json: JsonObject) =
         json["created_utc"] <- DateTime.UtcNow.ToString("o")
