@@ -213,12 +213,12 @@ public sealed class TextClassifier : IDisposable
         var tok = (tokenizer ?? Tokenizer.Gpt2).Inner;
         var predictions = Facade.Guard(() =>
         {
-            if (dtype == Dtype.Float32) return FClassification.classifyAs(Gpt.Kernels.Dtype.Float32, Inner, tok, all);
+            if (dtype == Dtype.Float32) return FClassification.classifyAs(dtype.ToCore(), Inner, tok, all);
             Gpt.FineTuning.ClassifierDecoder decoder;
             lock (_decoders)
             {
                 if (!_decoders.TryGetValue(dtype, out decoder!))
-                    _decoders[dtype] = decoder = FClassification.decoder(dtype == Dtype.Float16 ? Gpt.Kernels.Dtype.Float16 : Gpt.Kernels.Dtype.BFloat16, Inner);
+                    _decoders[dtype] = decoder = FClassification.decoder(dtype.ToCore(), Inner);
             }
             return FClassification.classifyWith(decoder, tok, all);
         });

@@ -15,6 +15,17 @@ public enum Dtype
     BFloat16,
 }
 
+internal static class DtypeExtensions
+{
+    /// <summary>The core's dtype.</summary>
+    internal static Gpt.Kernels.Dtype ToCore(this Dtype dtype) => dtype switch
+    {
+        Dtype.Float16 => Gpt.Kernels.Dtype.Float16,
+        Dtype.BFloat16 => Gpt.Kernels.Dtype.BFloat16,
+        _ => Gpt.Kernels.Dtype.Float32,
+    };
+}
+
 /// <summary>How to generate: decoding strategy, stopping and reproducibility. Defaults: 50 new tokens, greedy,
 /// stop at the model's end-of-text token (<see cref="GptModel.EndOfTextId"/>: GPT-2's <c>&lt;|endoftext|&gt;</c>,
 /// 50256, for GPT-2's vocabulary), KV cache on.</summary>
@@ -97,8 +108,8 @@ public sealed partial class GptModel
         {
             return (settings?.Dtype ?? Dtype.Float32) switch
             {
-                Dtype.Float16 => _float16Model ??= Gpt.Generation.LanguageModel.ofGptIn(Gpt.Kernels.Dtype.Float16, Inner),
-                Dtype.BFloat16 => _bfloat16Model ??= Gpt.Generation.LanguageModel.ofGptIn(Gpt.Kernels.Dtype.BFloat16, Inner),
+                Dtype.Float16 => _float16Model ??= Gpt.Generation.LanguageModel.ofGptIn(Dtype.Float16.ToCore(), Inner),
+                Dtype.BFloat16 => _bfloat16Model ??= Gpt.Generation.LanguageModel.ofGptIn(Dtype.BFloat16.ToCore(), Inner),
                 _ => _languageModel ??= Gpt.Generation.LanguageModel.ofGpt(Inner),
             };
         }

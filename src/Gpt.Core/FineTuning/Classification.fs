@@ -103,16 +103,18 @@ type Prediction =
 /// matrix kernels instead of libtorch. A snapshot: made from the weights as they are now. Owns native memory (and,
 /// for float32 views, keeps the classifier's weights alive): dispose it.
 [<Sealed>]
-type ClassifierDecoder internal (config: ClassifierConfig, weights: Gpt.Generation.DecoderWeights, score: float32[]) =
+type ClassifierDecoder internal (config: ClassifierConfig, weights: Gpt.Generation.DecoderWeights, score: torch.Tensor) =
     member _.Config = config
     /// The type the body's weights are read in.
     member _.Dtype = weights.Dtype
     member internal _.Weights = weights
-    /// The score matrix (labels, C), row-major.
+    /// The score matrix (labels, C): float32, contiguous, on the CPU.
     member internal _.Score = score
 
     interface IDisposable with
-        member _.Dispose() = (weights :> IDisposable).Dispose()
+        member _.Dispose() =
+            (weights :> IDisposable).Dispose()
+            score.Dispose()
 
 [<RequireQualifiedAccess>]
 module ClassificationOptions =
@@ -372,13 +374,12 @@ module Classification =
 
     /// A prediction from one text's label logits (float32, as computed).
     let private predictionOf (config: ClassifierConfig) (text: string) (logits: float32[]) =
-        let values = logits |> Array.map float
         let largest = Array.max logits
         let exponentials = logits |> Array.map (fun l -> exp (float (l - largest)))
         let total = Array.sum exponentials
-        let best = Array.findIndex ((=) (Array.max values)) values
+        let best = Array.findIndex ((=) largest) logits
         { Text = text; LabelId = best; Label = config.Labels[best]; Probabilities = exponentials |> Array.map (fun e -> e / total)
-          Logits = values }
+          Logits = logits |> Array.map float }
 
     /// Texts as token ids for classification: each truncated to the context, none empty. Texts are classified 16 at a
     /// time; a chunk is padded to its longest text (which decides what last-position pooling reads).
@@ -422,7 +423,7 @@ module Classification =
         if score.shape <> expected then
             Errors.fail "score.weight has shape %s, expected %s" (Errors.shapeText score.shape) (Errors.shapeText expected)
         let weights = Gpt.Generation.DecoderWeights.create config.Body p.Body dtype
-        new ClassifierDecoder(config, weights, score.data<float32>().ToArray())
+        new ClassifierDecoder(config, weights, score.DetachFromDisposeScope())
 
     /// Classifies texts as `classify` does (the same truncation, padding and pooling), through the decoder: each text
     /// alone, last-token pooling reading its last real token, last-position pooling its chunk's padded length.
@@ -434,10 +435,11 @@ module Classification =
         let config = decoder.Config
         let embedding = config.Body.EmbeddingDim
         let labels = config.Labels.Length
-        let score = decoder.Score
+        let score = Gpt.Kernels.TensorMemory.address decoder.Score
         use state = new Gpt.Generation.DecoderState(decoder.Weights, 1)
         let hidden = Array.zeroCreate<float32> embedding
         let handle = Runtime.InteropServices.GCHandle.Alloc(hidden, Runtime.InteropServices.GCHandleType.Pinned)
+        let address = handle.AddrOfPinnedObject()
         try
             [| for chunk in encodeChunks config tokenizer texts do
                    let padded = chunk |> Array.map (fun (_, ids: int[]) -> ids.Length) |> Array.max
@@ -447,13 +449,8 @@ module Classification =
                            | Pooling.LastToken -> ids
                            | Pooling.LastPosition -> Array.append ids (Array.create (padded - ids.Length) config.PadTokenId)
                        state.Reset()
-                       state.Hidden(ids, ids.Length, handle.AddrOfPinnedObject())
-                       let logits =
-                           Array.init labels (fun label ->
-                               let mutable sum = 0.0f
-                               for k in 0 .. embedding - 1 do
-                                   sum <- sum + score[label * embedding + k] * hidden[k]
-                               sum)
+                       state.Hidden(ids, ids.Length, address)
+                       let logits = Array.init labels (fun label -> Gpt.Generation.Rows.dot (Gpt.Generation.Rows.offset score (label * embedding)) address embedding)
                        yield predictionOf config text logits |]
         finally
             handle.Free()

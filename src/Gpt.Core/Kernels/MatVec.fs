@@ -375,9 +375,10 @@ module internal Avx2Kernels16 =
         NativePtr.set results 6 r6
         NativePtr.set results 7 r7
 
-/// The AVX-512 kernels: the weights at 16 lanes per instruction. 16-bit weights are widened by a zero-extending move
-/// (vpmovzxwd) and a shift into the upper halves of float32 lanes, in order, so the activations are staged in their
-/// own order (float16: × 2^56, as on the AVX2 path, whose exponent trick this shares). Prompts and batches go two
+/// The AVX-512 kernels: the weights at 16 lanes per instruction. 16-bit weights are widened in order, so the
+/// activations need no reordering: bfloat16 by a zero-extending move (vpmovzxwd) and a shift into the upper halves of
+/// float32 lanes, read against the activations as they are; float16 by a sign-extending move, a shift and a mask
+/// (the AVX2 path's exponent trick), against activations staged × 2^56. Prompts and batches go two
 /// weight rows against eight activation rows at a time: 16 sums in registers, each activation vector loaded once for
 /// two rows and each weight vector once for eight tokens, so the kernel is bound by multiply-adds, not loads.
 module internal Avx512Kernels =
