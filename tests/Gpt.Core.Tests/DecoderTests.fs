@@ -365,6 +365,61 @@ let decoderTests =
                 use actual = Decoder.recompute weights ids
                 expectClose 1e-4 actual expected (sprintf "%d × %d" batch length)
 
+        testCase "the KV cache grows as positions come (128, then doubled, at most the context) and keeps what it held" <| fun () ->
+            let config = { tinyConfig with ContextLength = 300 }
+            use model = new GptModel(config, 11L)
+            model.eval ()
+            use _ = torch.no_grad ()
+            use ids = randomIds 12 config.VocabSize 2 300
+            use expected = model.forward ids
+            use weights = DecoderWeights.ofModel model Dtype.Float32
+            use state = new DecoderState(weights, 2)
+            Expect.equal state.Capacity 128 "room for 128 positions at first"
+            // a prompt of 100, token by token to 140 (growing to 256 at position 128), then 160 at once (to 300)
+            let feed (from: int) (count: int) =
+                use chunk = ids.narrow(1L, int64 from, int64 count)
+                use logits = Decoder.logits state chunk true
+                use wanted = expected.narrow(1L, int64 from, int64 count)
+                expectClose 1e-4 logits wanted (sprintf "positions %d..%d" from (from + count - 1))
+            feed 0 100
+            Expect.equal state.Capacity 128 "100 positions fit"
+            for position in 100 .. 139 do
+                feed position 1
+            Expect.equal state.Capacity 256 "doubled once past 128"
+            feed 140 160
+            Expect.equal state.Capacity 300 "at most the context length"
+            Expect.equal state.Length 300 "every position cached"
+            throwsGpt [ "context length 300" ] (fun () -> feed 299 1) "past the context"
+
+        testCase "a language model's next cache reuses the last one's state (same results, also after the weights change)" <| fun () ->
+            use model = new GptModel(tinyConfig, 13L)
+            model.eval ()
+            let prompts = [ [| 1; 2; 3 |]; [| 4; 5; 6 |] ]
+            for language in [ LanguageModel.ofGpt model; LanguageModel.ofGptIn Dtype.BFloat16 model ] do
+                let first = Generator.generate language (greedy 12) prompts
+                // a cache given back is handed out again, emptied
+                let state () =
+                    use cache = language.CreateCache 2
+                    let field = cache.GetType().GetProperty("State", Reflection.BindingFlags.Instance ||| Reflection.BindingFlags.Public ||| Reflection.BindingFlags.NonPublic)
+                    field.GetValue cache
+                let a = state ()
+                Expect.isTrue (obj.ReferenceEquals(a, state ())) "the same state serves the next cache"
+                Expect.equal (Generator.generate language (greedy 12) prompts) first "the same ids from a reused state"
+                Expect.equal (Generator.generate language (greedy 12) [ [| 7; 8 |] ]) (Generator.generate language (greedy 12) [ [| 7; 8 |] ]) "another batch size"
+            // ofGpt reads the model's weights afresh for each cache: a reused state sees them changed
+            let language = LanguageModel.ofGpt model
+            Generator.generate language (greedy 12) prompts |> ignore
+            (
+                use _ = torch.no_grad ()
+                for p in model.parameters () do
+                    p.mul_(torch.tensor(1.5f)) |> ignore
+            )
+            let fresh = Generator.generate (LanguageModel.ofGpt model) (greedy 12) prompts
+            Expect.equal (Generator.generate language (greedy 12) prompts) fresh "the changed weights through a reused state"
+            use changed = model.forward (torch.tensor([| 1L; 2L; 3L |]).view(1L, 3L))
+            use torchIds = changed.select(1L, -1L).argmax(-1L)
+            Expect.equal fresh[0].Tokens[0] (int (torchIds.item<int64> ())) "the changed model's first greedy id"
+
         testCase "ofGpt decodes through views of the model's weights and leaves no tensor behind" <| fun () ->
             use model = new GptModel(tinyConfig, 5L)
             let language = LanguageModel.ofGpt model
