@@ -416,12 +416,17 @@ module internal Avx512Kernels =
         let mutable k = 0
         while k + 64 <= columns do
             let at = w + nativeint (k * bytes)
-            // Every cache line of this step's weights, 4 KB ahead (a prefetch never faults). Measured with
-            // scripts/matvec-bench.fsx, alternating, on this machine in a slow spell: a float32 gpt2-small step's
-            // products 15.0–15.6 ms without, 10.6–11.5 with (2 KB ahead: 10.6–11.9); bfloat16 5.98–6.19 against
-            // 5.58–5.92. The hardware prefetchers alone were not far enough ahead when memory was slow.
+            // Every cache line of this step's weights, 4 KB ahead (a prefetch never faults), non-temporal: the weights
+            // are read once per token, and a plain prefetch would also leave them in the outer caches, pushing out
+            // what the step reads again (activations, the KV cache). Measured with scripts/matvec-bench.fsx,
+            // alternating, on this machine in a slow spell: a float32 gpt2-small step's products 15.0–15.6 ms
+            // without, 10.6–11.5 with (2 KB ahead: 10.6–11.9); bfloat16 5.98–6.19 against 5.58–5.92 (the hardware
+            // prefetchers alone were not far enough ahead when memory was slow). Then whole decoder steps, the
+            // kinds alternating, 10 rounds of 64 tokens, medians: float32 100.8 tokens/s with a plain prefetch
+            // (prefetcht0), 106.2 non-temporal (prefetchnta), 104.6 none, 101.4 prefetcht2; bfloat16 164.4, 168.7, 155.2,
+            // 159.2; again: float32 101.8 / 102.3, bfloat16 162.5 / 167.6 (plain / non-temporal).
             for line in 0 .. bytes - 1 do
-                Sse.Prefetch0(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (at + 4096n + nativeint (line * 64))))
+                Sse.PrefetchNonTemporal(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (at + 4096n + nativeint (line * 64))))
             a0 <- fma (load at) (x16 xs k) a0
             a1 <- fma (load (at + step)) (x16 xs (k + 16)) a1
             a2 <- fma (load (at + 2n * step)) (x16 xs (k + 32)) a2
