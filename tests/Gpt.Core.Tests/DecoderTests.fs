@@ -201,6 +201,31 @@ type private SlowSpeculativeJob(chunks: int) =
 [<Tests>]
 let poolTests =
     testList "decoder: worker pool" [
+        testCase "a decoder leaves the pool only when one thread is clearly faster, and comes back within 8 steps" <| fun () ->
+            let way = Parallelism()
+            /// `steps` steps with the pool taking `pool` seconds and one thread `alone`; how many ran alone.
+            let run (steps: int) (pool: float) (alone: float) =
+                let mutable serial = 0
+                for _ in 1 .. steps do
+                    let onPool = way.UseParallel()
+                    way.Record(onPool, if onPool then pool else alone)
+                    if not onPool then serial <- serial + 1
+                serial
+            // an idle machine: the pool 6 ms, one thread 9 ms: alone only to check, at most every 16th step
+            Expect.isLessThanOrEqual (run 256 0.006 0.009) 8 "idle machine: steps alone of 256"
+            // a few slow pool steps while the JIT works on the other core, then the pool is fast again
+            run 4 0.025 0.009 |> ignore
+            Expect.isLessThanOrEqual (run 64 0.006 0.009) 8 "after a stretch of slow pool steps: steps alone of the next 64"
+            // one thread only a little faster: the pool stays
+            Expect.isLessThanOrEqual (run 128 0.0100 0.0095) 16 "one thread 5 % faster: steps alone of 128"
+            // a loaded machine: the pool 1.4 times slower than one thread: alone, the pool tried every 8th step
+            let alone = run 128 0.014 0.010
+            Expect.isGreaterThanOrEqual alone 100 "loaded machine: steps alone of 128"
+            Expect.isLessThanOrEqual alone 120 "loaded machine: the pool still tried"
+            // the load goes away: back on the pool
+            run 8 0.006 0.010 |> ignore
+            Expect.isLessThanOrEqual (run 64 0.006 0.010) 4 "load gone: steps alone of the next 64"
+
         testCase "every chunk runs exactly once, also with several callers at once" <| fun () ->
             for workers in [ 0; 1; 3 ] do
                 let pool = new WorkerPool(workers)

@@ -65,20 +65,50 @@ module internal Rows =
     let inline offset (address: nativeint) (floats: int) = address + nativeint floats * 4n
 
     /// LayerNorm of one row of `width` values: mean 0, biased variance 1, then scale and shift; as libtorch, in float32
-    /// with the two sums taken in float64 (within rounding of libtorch's result).
+    /// with the two sums taken in float64 (within rounding of libtorch's result). In vectors: 25 of them a token
+    /// (gpt2-small) took ~100 µs a token one value at a time, 1–2 % of a step.
     let layerNorm (norm: DecoderNorm) (width: int) (source: nativeint) (target: nativeint) =
-        let mutable sum = 0.0
-        for k in 0 .. width - 1 do
+        let lanes = Vector<float32>.Count
+        let inline load (address: nativeint) (k: int) = NativePtr.read (NativePtr.ofNativeInt<Vector<float32>> (offset address k))
+        let mutable wide = Vector<float>.Zero
+        let mutable k = 0
+        while k + lanes <= width do
+            let mutable low = Vector<float>.Zero
+            let mutable high = Vector<float>.Zero
+            Vector.Widen(load source k, &low, &high)
+            wide <- wide + low + high
+            k <- k + lanes
+        let mutable sum = Vector.Sum wide
+        while k < width do
             sum <- sum + float (at source k)
+            k <- k + 1
         let mean = sum / float width
-        let mutable squares = 0.0
-        for k in 0 .. width - 1 do
+        let centre = Vector<float>(mean)
+        wide <- Vector<float>.Zero
+        k <- 0
+        while k + lanes <= width do
+            let mutable low = Vector<float>.Zero
+            let mutable high = Vector<float>.Zero
+            Vector.Widen(load source k, &low, &high)
+            let low, high = low - centre, high - centre
+            wide <- wide + low * low + high * high
+            k <- k + lanes
+        let mutable squares = Vector.Sum wide
+        while k < width do
             let d = float (at source k) - mean
             squares <- squares + d * d
+            k <- k + 1
         let inverse = float32 (1.0 / Math.Sqrt(squares / float width + float norm.Epsilon))
         let mean = float32 mean
-        for k in 0 .. width - 1 do
+        let inverses, means = Vector<float32>(inverse), Vector<float32>(mean)
+        k <- 0
+        while k + lanes <= width do
+            let value = (load source k - means) * inverses * load norm.Scale k + load norm.Shift k
+            NativePtr.write (NativePtr.ofNativeInt<Vector<float32>> (offset target k)) value
+            k <- k + lanes
+        while k < width do
             put target k ((at source k - mean) * inverse * at norm.Scale k + at norm.Shift k)
+            k <- k + 1
 
     /// Σ a[k] · b[k] over `length` floats.
     let dot (a: nativeint) (b: nativeint) (length: int) =
@@ -348,9 +378,14 @@ type internal Parallelism() =
     let mutable parallelSamples = 0
     let mutable serialSamples = 0
 
-    /// Whether the next step should run on the pool. The slower way is tried again every 16th step while the two
-    /// are within 25 % of each other, every 64th when one is clearly faster (on an idle machine one thread alone
-    /// took ~1.5 times as long: each try cost ~3 % of the steps at every 16th).
+    /// Whether the next step should run on the pool. The pool is left only on clear evidence (one thread alone 15 %
+    /// faster), and then tried again every 8th step; while on the pool, one thread alone is tried every 16th step
+    /// while the two are within 25 % of each other, every 64th when the pool is clearly faster (on an idle machine
+    /// one thread alone took ~1.5 times as long: each try cost ~3 % of the steps at every 16th). Why the margin and
+    /// the quick return: while a process warms up, the JIT compiles on one of this machine's two cores, and a few
+    /// pool steps of 20–25 ms among ones of 6 ms (bfloat16 gpt2-small) made the pool look as slow as one thread; a
+    /// whole 64-token generation then ran 22–34 of its steps alone, at ~9 ms each, and a benchmark's first runs were
+    /// 25–40 % slower than its last.
     member _.UseParallel() =
         calls <- calls + 1
         // The pool first, twice (its first step is cold: JIT, first touches); one thread alone first at the 16th
@@ -358,11 +393,10 @@ type internal Parallelism() =
         // benchmark's warm-up and 3 runs) then ran every other prompt alone (~40 ms instead of ~20 for 8 tokens).
         if parallelSamples < 2 then true
         elif Double.IsNaN serialSeconds then calls % 16 <> 0
+        elif serialSeconds < 0.85 * parallelSeconds then calls % 8 = 0
         else
-            let faster = parallelSeconds <= serialSeconds
             let ratio = max parallelSeconds serialSeconds / min parallelSeconds serialSeconds
-            let every = if ratio > 1.25 then 64 else 16
-            if calls % every = 0 then not faster else faster
+            calls % (if ratio > 1.25 then 64 else 16) <> 0
 
     /// A step's time (seconds per token row), folded into the running average of its way. A step faster than the
     /// average replaces it (a step is never faster than its way can go: a faster one shows the way is faster now,
