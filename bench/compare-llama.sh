@@ -42,8 +42,8 @@ echo "tiny fixture greedy ids: gpt $tiny_gpt, llama.cpp $tiny_llama" >&2
 results="$work/results.jsonl"
 : >"$results"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-# The memory bandwidth is measured once (gpt bench generate would measure it per call, adding minutes of load).
-bandwidth=$("$gpt" bench machine --format json | jq '.bandwidth_gbps')
+# The memory's read bandwidth is measured once (gpt bench generate would measure it per call, adding minutes of load).
+bandwidth=$("$gpt" bench machine --format json | jq '.read_bandwidth_gbps')
 run_gpt() { # round label dtype
   "$gpt" bench generate --model "$work/model" --dtype "$3" --runs "$runs" --bandwidth-gbps "$bandwidth" --format json \
     | jq -c --arg side "$2" --argjson round "$1" '{round: $round, side: $side, tokens_per_s, decode_tokens_per_s, first_token_s, ids, others_cpu_pct: .machine.others_cpu_pct, load: .machine.load_average}' \
@@ -63,16 +63,20 @@ for ((round = 1; round <= rounds; round++)); do
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
-echo "load average before: $load_before, after: $load_after; $rounds rounds, each the median of $runs runs; memory bandwidth $bandwidth GB/s"
-jq -rs '
+echo "load average before: $load_before, after: $load_after; $rounds rounds, each the median of $runs runs; memory read bandwidth $bandwidth GB/s"
+# Of the ceiling: decode tokens/s × bytes of weights a step reads (gpt2-small's matrices: 494,128,128 in float32,
+# half that in 16 bits) / the read bandwidth.
+jq -rs --argjson bandwidth "$bandwidth" '
   def median: sort | if length % 2 == 1 then .[(length - 1) / 2] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
   (map(select(.side == "llama.cpp F32")) | .[0].ids) as $reference
   | group_by(.side)
   | sort_by(.[0].side as $side | ["gpt f32", "llama.cpp F32", "gpt f16", "llama.cpp F16", "gpt bf16"] | index($side))
-  | (["side", "tokens/s", "decode tok/s", "first token s", "rounds", "same ids as llama F32 (first N of 64, worst round)"] | @tsv),
+  | (["side", "tokens/s", "decode tok/s", "of ceiling", "first token s", "rounds", "same ids as llama F32 (first N of 64, worst round)"] | @tsv),
     (.[] | [ .[0].side,
              (map(.tokens_per_s) | median | . * 10 | round / 10),
              (map(.decode_tokens_per_s) | median | . * 10 | round / 10),
+             (.[0].side as $side | map(.decode_tokens_per_s) | median
+              | . * (if ($side | test("32")) then 494128128 else 247064064 end) / ($bandwidth * 1e9) * 100 | round | tostring + " %"),
              (map(.first_token_s) | median | . * 10000 | round / 10000),
              length,
              (map(.ids as $ids | [range(0; 64) | select($ids[.] != $reference[.])] | first // 64) | min) ] | @tsv)

@@ -101,7 +101,11 @@ internal static class BenchCommand
     private static JsonObject Machine()
     {
         var result = MachineBench.machine();
-        return new JsonObject { ["matmul_gflops"] = result.MatmulGflops, ["bandwidth_gbps"] = result.BandwidthGbps };
+        return new JsonObject
+        {
+            ["matmul_gflops"] = result.MatmulGflops, ["bandwidth_gbps"] = result.BandwidthGbps,
+            ["read_bandwidth_gbps"] = result.ReadBandwidthGbps,
+        };
     }
 
     private static JsonObject Tokenizer(double megabytes)

@@ -91,7 +91,7 @@ internal static class GenerateCommand
         var torchPath = new Option<bool>("--torch") { Description = "Measure the TorchSharp path (the model's own KV cache) instead of the decoder, for comparison (f32 only)." };
         var bandwidth = new Option<double?>("--bandwidth-gbps")
         {
-            Description = "Memory bandwidth for bandwidth_fraction (default: measured here and now, as gpt bench machine does).",
+            Description = "Memory read bandwidth for bandwidth_fraction (default: measured here and now, as gpt bench machine's read_bandwidth_gbps).",
         };
         var command = BenchCommand.Part(context, "generate",
             "Generation speed in tokens/s (greedy, after a warm-up; median of several runs): time to the first token, decoding alone, " +
@@ -139,7 +139,7 @@ internal static class GenerateCommand
             // The decoder times its steps on the worker pool and on one thread and takes the faster (it depends on how
             // busy the machine is): the share of steps that ran on the pool.
             if (decoderSteps > 0) result["parallel_steps_fraction"] = Math.Round((double)(parallelAfter - parallelBefore) / decoderSteps, 3);
-            var gigabytesPerSecond = parse.GetValue(bandwidth) ?? MachineBench.bandwidthGbps(256, 5);
+            var gigabytesPerSecond = parse.GetValue(bandwidth) ?? MachineBench.readBandwidthGbps(512, 7);
             result["dtype"] = weights.Name;
             result["path"] = torch ? "torch" : "decoder";
             result["weight_bytes_per_step"] = bytesPerStep;

@@ -110,7 +110,8 @@ public class BenchCliTests
         Assert.True(allCode == 0, allError);
         var lines = allOutput.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(Object).ToList();
         Assert.Equal(new[] { "machine", "leak", "goals" }, lines.Select(l => l.GetProperty("part").GetString()).ToArray());
-        HasNumbers(lines[0], "matmul_gflops", "bandwidth_gbps");
+        HasNumbers(lines[0], "matmul_gflops", "bandwidth_gbps", "read_bandwidth_gbps");
+        Assert.True(lines[0].GetProperty("read_bandwidth_gbps").GetDouble() > 0.1, "a read bandwidth was measured");
         var goals = lines[2].GetProperty("goals").EnumerateArray().Select(g => g.GetProperty("what").GetString()).ToList();
         Assert.Equal(new[] { "leak: RSS slope, step N to 4N (%)", "leak: live tensors growth" }, goals.ToArray());
         Assert.True(lines[2].GetProperty("quick").GetBoolean());
