@@ -7,6 +7,8 @@ open System
 open System.Numerics
 open System.Runtime.InteropServices
 open System.Threading
+open System.Runtime.Intrinsics
+open System.Runtime.Intrinsics.X86
 open TorchSharp
 open Microsoft.FSharp.NativeInterop
 open Gpt
@@ -110,15 +112,21 @@ module internal Rows =
             put target k ((at source k - mean) * inverse * at norm.Scale k + at norm.Shift k)
             k <- k + 1
 
-    /// Σ a[k] · b[k] over `length` floats.
+    let inline private load8 (address: nativeint) (k: int) = Vector256.Load(NativePtr.ofNativeInt<float32> (offset address k))
+
+    /// Σ a[k] · b[k] over `length` floats: 8 at a time, two sums of fused multiply-adds.
     let dot (a: nativeint) (b: nativeint) (length: int) =
-        let width = Vector<float32>.Count
-        let mutable sum = Vector<float32>.Zero
+        let mutable s0 = Vector256<float32>.Zero
+        let mutable s1 = Vector256<float32>.Zero
         let mutable k = 0
-        while k + width <= length do
-            sum <- sum + NativePtr.read (NativePtr.ofNativeInt<Vector<float32>> (offset a k)) * NativePtr.read (NativePtr.ofNativeInt<Vector<float32>> (offset b k))
-            k <- k + width
-        let mutable total = Vector.Sum sum
+        while k + 16 <= length do
+            s0 <- Vector256.FusedMultiplyAdd(load8 a k, load8 b k, s0)
+            s1 <- Vector256.FusedMultiplyAdd(load8 a (k + 8), load8 b (k + 8), s1)
+            k <- k + 16
+        if k + 8 <= length then
+            s0 <- Vector256.FusedMultiplyAdd(load8 a k, load8 b k, s0)
+            k <- k + 8
+        let mutable total = Vector256.Sum(s0 + s1)
         while k < length do
             total <- total + at a k * at b k
             k <- k + 1
@@ -126,13 +134,11 @@ module internal Rows =
 
     /// target[k] += scale · source[k] over `length` floats.
     let addScaled (target: nativeint) (scale: float32) (source: nativeint) (length: int) =
-        let width = Vector<float32>.Count
-        let factor = Vector<float32>(scale)
+        let factor = Vector256.Create scale
         let mutable k = 0
-        while k + width <= length do
-            let t = NativePtr.ofNativeInt<Vector<float32>> (offset target k)
-            NativePtr.write t (NativePtr.read t + factor * NativePtr.read (NativePtr.ofNativeInt<Vector<float32>> (offset source k)))
-            k <- k + width
+        while k + 8 <= length do
+            Vector256.Store(Vector256.FusedMultiplyAdd(factor, load8 source k, load8 target k), NativePtr.ofNativeInt<float32> (offset target k))
+            k <- k + 8
         while k < length do
             put target k (at target k + scale * at source k)
             k <- k + 1
@@ -183,9 +189,19 @@ type internal AttentionJob() =
             let keys = Rows.offset keys pairOffset
             let values = Rows.offset values pairOffset
             let scale = 1.0f / MathF.Sqrt(float32 headDim)
-            if isNull AttentionJob.scores || AttentionJob.scores.Length < contextLength then
-                AttentionJob.scores <- Array.zeroCreate contextLength
+            if isNull AttentionJob.scores || AttentionJob.scores.Length < contextLength + 8 then
+                AttentionJob.scores <- Array.zeroCreate (contextLength + 8)
             let scores = AttentionJob.scores
+            // The pair's cached keys and values, asked for all at once: the weights streamed through the caches since
+            // the last token, so they come from memory, and two short streams per head left the hardware
+            // prefetchers little time to start (attention of a float32 gpt2-small token: ~270 -> ~220 µs).
+            if Sse.IsSupported then
+                let bytes = nativeint (start + fresh) * nativeint headDim * 4n
+                let mutable line = 0n
+                while line < bytes do
+                    Sse.Prefetch0(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (keys + line)))
+                    Sse.Prefetch0(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (values + line)))
+                    line <- line + 64n
             for i in 0 .. fresh - 1 do
                 let query = Rows.offset qkv ((sequence * fresh + i) * 3 * embedding + head * headDim)
                 let result = Rows.offset scratch (i * headDim)
@@ -195,11 +211,20 @@ type internal AttentionJob() =
                     let s = Rows.dot query (Rows.offset keys (j * headDim)) headDim * scale
                     scores[j] <- s
                     if s > largest then largest <- s
-                let mutable total = 0.0f
-                for j in 0 .. visible - 1 do
-                    let e = MathF.Exp(scores[j] - largest)
-                    scores[j] <- e
-                    total <- total + e
+                // exponentials 8 at a time; the last group padded with -infinity (e^-inf = 0), so that a score's
+                // exponential does not depend on how many positions follow it
+                let padded = (visible + 7) &&& ~~~7
+                for j in visible .. padded - 1 do
+                    scores[j] <- Single.NegativeInfinity
+                let shift = Vector256.Create largest
+                let mutable sums = Vector256<float32>.Zero
+                let mutable j = 0
+                while j < padded do
+                    let e = Vector256.Exp(Vector256.Create(scores, j) - shift)
+                    e.CopyTo(scores, j)
+                    sums <- sums + e
+                    j <- j + 8
+                let total = Vector256.Sum sums
                 for k in 0 .. headDim - 1 do
                     Rows.put result k 0.0f
                 let inverse = 1.0f / total
