@@ -405,8 +405,9 @@ type internal Parallelism() =
 
     /// Whether the next step should run on the pool. The pool is left only on clear evidence (one thread alone 15 %
     /// faster), and then tried again every 8th step; while on the pool, one thread alone is tried every 16th step
-    /// while the two are within 25 % of each other, every 64th when the pool is clearly faster (on an idle machine
-    /// one thread alone took ~1.5 times as long: each try cost ~3 % of the steps at every 16th). Why the margin and
+    /// while the two are within 25 % of each other, every 256th when the pool is clearly faster (on an idle machine
+    /// one thread alone took ~1.5 times as long: each try cost ~3 % of the steps at every 16th, 0.8 % at every 64th;
+    /// a lasting load then shows within ~2.5 s of gpt2-small steps). Why the margin and
     /// the quick return: while a process warms up, the JIT compiles on one of this machine's two cores, and a few
     /// pool steps of 20–25 ms among ones of 6 ms (bfloat16 gpt2-small) made the pool look as slow as one thread; a
     /// whole 64-token generation then ran 22–34 of its steps alone, at ~9 ms each, and a benchmark's first runs were
@@ -421,7 +422,7 @@ type internal Parallelism() =
         elif serialSeconds < 0.85 * parallelSeconds then calls % 8 = 0
         else
             let ratio = max parallelSeconds serialSeconds / min parallelSeconds serialSeconds
-            calls % (if ratio > 1.25 then 64 else 16) <> 0
+            calls % (if ratio > 1.25 then 256 else 16) <> 0
 
     /// A step's time (seconds per token row), folded into the running average of its way. A step faster than the
     /// average replaces it (a step is never faster than its way can go: a faster one shows the way is faster now,
