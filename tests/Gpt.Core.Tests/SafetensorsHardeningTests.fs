@@ -208,6 +208,30 @@ let tests =
             let many = [ for i in 1 .. 10 -> sprintf "t%d" i, more ]
             throwsGpt [ "10 tensors hold"; "'t3' (2 of 2), and 7 more" ] (fun () -> Safetensors.requireFinite "x.safetensors" many) "ten"
 
+        testCase "findNonFinite counts as libtorch's isfinite does: every float type, every length, the extremes that are finite" <| fun () ->
+            let random = Random 7
+            for dtype in [ torch.float64; torch.float32; torch.float16; torch.bfloat16 ] do
+                for length in [ 0; 1; 7; 8; 9; 33; 1000; 4099 ] do
+                    use values = torch.tensor(Array.init length (fun _ -> (random.NextDouble() - 0.5) * 2000.0))
+                    // NaN, both infinities, the largest finite value and the smallest subnormal of the type, at random places
+                    let largest, tiny =
+                        if dtype = torch.float16 then 65504.0, 5.96e-8
+                        elif dtype = torch.bfloat16 then 3.38e38, 9.2e-41
+                        elif dtype = torch.float32 then float Single.MaxValue, float Single.Epsilon
+                        else Double.MaxValue, Double.Epsilon
+                    for special in [ nan; infinity; -infinity; largest; -largest; tiny ] do
+                        if length > 0 then values[int64 (random.Next length)] <- torch.tensor(special)
+                    use typed = values.``to``(dtype)
+                    use finite = torch.isfinite typed
+                    use notFinite = finite.logical_not().sum()
+                    let expected = notFinite.item<int64> ()
+                    let found = Safetensors.findNonFinite [ "t", typed ] |> List.sumBy snd
+                    Expect.equal found expected (sprintf "%O, %d values" dtype length)
+            // not contiguous: libtorch counts
+            use matrix = torch.tensor([| 1.0f; Single.NaN; 2.0f; Single.PositiveInfinity |]).view(2L, 2L)
+            use transposed = matrix.t()
+            Expect.equal (Safetensors.findNonFinite [ "t", transposed ]) [ "t", 2L ] "a transposed view"
+
         testCase "NaN weights read from a file are found after loading" <| fun () ->
             use temp = new TempDir()
             let path = temp.File "nan.safetensors"
