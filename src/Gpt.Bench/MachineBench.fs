@@ -8,7 +8,7 @@ open Microsoft.FSharp.NativeInterop
 open Gpt.Kernels
 open Gpt.Text
 
-#nowarn "9" // the read benchmark sums native memory
+#nowarn "9" // the read benchmark reads native memory
 
 /// Reads 1 MB pieces of a zero-filled buffer (the read-bandwidth benchmark's work on the decoder's worker pool),
 /// through the runtime's own vectorised search for a byte that is not zero: optimised code in every build of this
@@ -53,7 +53,7 @@ module MachineBench =
         2.0 * float elements * 4.0 / Measure.median seconds / 1e9
 
     /// Read bandwidth, what a decoding step needs (it reads every weight once and writes little): a `megabytes`
-    /// buffer summed in 1 MB pieces on the decoder's worker pool (every core), the median of `runs` passes after one.
+    /// buffer read in 1 MB pieces (ReadJob) on the decoder's worker pool (every core), the median of `runs` passes after one.
     /// On this project's machine it gave 45–60 GB/s where the copy above gave 53–72 (a copy counts its writes too,
     /// which this machine's memory takes faster than reads): a decoding step's ceiling is the read figure.
     let readBandwidthGbps (megabytes: int) (runs: int) =

@@ -12,16 +12,6 @@ open TorchSharp
 open Microsoft.FSharp.NativeInterop
 open Gpt
 
-/// Our own reader and writer of the safetensors format (https://huggingface.co/docs/safetensors):
-/// 8 bytes little-endian header length N, N bytes of JSON
-/// `{"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ..., "__metadata__": {"k": "v"}}`,
-/// then the data; offsets are relative to the start of the data. Every malformed file is a GptException naming the
-/// file and, where there is one, the tensor; never a native crash, a hang or an unbounded allocation. The whole
-/// header is read and checked before any tensor is allocated: valid UTF-8 and JSON, at most maxEntries entries, each
-/// entry complete with a known dtype and a byte count that matches its shape, and the tensors covering the data section
-/// exactly (no gap, no overlap, nothing after the last one), which the reference implementation requires too and which
-/// catches a header length that is off by a byte.
-[<RequireQualifiedAccess>]
 /// Counting NaN and infinities where a tensor's values lie. Why: libtorch's isfinite, logical_not and sum over every
 /// weight of gpt2-small took ~2 s of its ~8 s load (several passes and temporary tensors); a scan of the bits is one
 /// pass at memory speed.
@@ -62,6 +52,16 @@ module internal NonFinite =
             | torch.ScalarType.BFloat16 -> Some(if n = 0L then 0L else scan (at ()) n 0x7F80us)
             | _ -> None
 
+/// Our own reader and writer of the safetensors format (https://huggingface.co/docs/safetensors):
+/// 8 bytes little-endian header length N, N bytes of JSON
+/// `{"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ..., "__metadata__": {"k": "v"}}`,
+/// then the data; offsets are relative to the start of the data. Every malformed file is a GptException naming the
+/// file and, where there is one, the tensor; never a native crash, a hang or an unbounded allocation. The whole
+/// header is read and checked before any tensor is allocated: valid UTF-8 and JSON, at most maxEntries entries, each
+/// entry complete with a known dtype and a byte count that matches its shape, and the tensors covering the data section
+/// exactly (no gap, no overlap, nothing after the last one), which the reference implementation requires too and which
+/// catches a header length that is off by a byte.
+[<RequireQualifiedAccess>]
 module Safetensors =
     /// One tensor as the header describes it.
     type Entry =
