@@ -48,6 +48,19 @@ public class BenchCliTests
         Assert.Equal(28_953_600, full.GetProperty("trainable_parameters").GetInt64());
     }
 
+    /// <summary>The gpt tool's runtime settings that generation's speed depends on (Gpt.Cli.csproj says why): no
+    /// instrumented JIT tier, loops optimised at once. Read from the runtimeconfig.json the build writes beside gpt.dll
+    /// (copied here with the referenced tool).</summary>
+    [Fact]
+    public void TheToolRunsWithoutInstrumentedTierAndWithLoopsOptimisedAtOnce()
+    {
+        var path = Path.Combine(AppContext.BaseDirectory, "gpt.runtimeconfig.json");
+        Assert.True(File.Exists(path), $"missing {path}");
+        var properties = Object(File.ReadAllText(path)).GetProperty("runtimeOptions").GetProperty("configProperties");
+        Assert.False(properties.GetProperty("System.Runtime.TieredPGO").GetBoolean());
+        Assert.False(properties.GetProperty("System.Runtime.TieredCompilation.QuickJitForLoops").GetBoolean());
+    }
+
     [Fact]
     public void GenerateReportsTheMedianOfItsRuns()
     {
