@@ -64,18 +64,30 @@ public sealed class Adapter : IDisposable
     /// <summary>A language model with an adapter: <paramref name="baseModel"/> (any source <see cref="GptModel.Load(string)"/>
     /// takes; null: the adapter's own <c>base_model_name_or_path</c>) with the adapter applied, unmerged, or merged
     /// into its weights (the same results, a little faster).</summary>
-    public static GptModel LoadModel(string adapterDirectory, string? baseModel = null, bool merge = false)
+    public static GptModel LoadModel(string adapterDirectory, string? baseModel = null, bool merge = false) =>
+        LoadModel(adapterDirectory, baseModel, merge, new ModelLoadOptions());
+
+    /// <summary><see cref="LoadModel(string, string?, bool)"/> with the base model loaded with <paramref name="options"/>
+    /// (<see cref="ModelLoadOptions.AllowNonFinite"/> also lets the adapter's own tensors hold NaN or infinities).</summary>
+    public static GptModel LoadModel(string adapterDirectory, string? baseModel, bool merge, ModelLoadOptions options)
     {
         ArgumentNullException.ThrowIfNull(adapterDirectory);
-        return new GptModel(AdapterLoading.model(merge, Options.SomeObject(baseModel), adapterDirectory));
+        ArgumentNullException.ThrowIfNull(options);
+        return new GptModel(AdapterLoading.modelWith(GptModel.Options(options), merge, Options.SomeObject(baseModel), adapterDirectory));
     }
 
     /// <summary>A classifier with an adapter: the base is a saved classifier, or a language model (the labels then
     /// come from the adapter's <c>classifier_config.json</c>); unmerged or merged.</summary>
-    public static TextClassifier LoadClassifier(string adapterDirectory, string? baseModel = null, bool merge = false)
+    public static TextClassifier LoadClassifier(string adapterDirectory, string? baseModel = null, bool merge = false) =>
+        LoadClassifier(adapterDirectory, baseModel, merge, new ModelLoadOptions());
+
+    /// <summary><see cref="LoadClassifier(string, string?, bool)"/> with the base loaded with <paramref name="options"/>
+    /// (<see cref="ModelLoadOptions.AllowNonFinite"/> also lets the adapter's own tensors hold NaN or infinities).</summary>
+    public static TextClassifier LoadClassifier(string adapterDirectory, string? baseModel, bool merge, ModelLoadOptions options)
     {
         ArgumentNullException.ThrowIfNull(adapterDirectory);
-        return TextClassifier.Wrap(AdapterLoading.classifier(merge, Options.SomeObject(baseModel), adapterDirectory));
+        ArgumentNullException.ThrowIfNull(options);
+        return TextClassifier.Wrap(AdapterLoading.classifierWith(GptModel.Options(options), merge, Options.SomeObject(baseModel), adapterDirectory));
     }
 
     /// <summary>Writes the base with the adapter merged in as a plain model folder (a classifier's when the adapter

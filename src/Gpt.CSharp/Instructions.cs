@@ -133,10 +133,15 @@ public sealed class InstructionModel : IDisposable
     /// <summary>Loads a model (any source <see cref="GptModel.Load(string)"/> takes) to answer in a prompt style.</summary>
     public static InstructionModel Load(string source, PromptStyle style = PromptStyle.Alpaca) => new(GptModel.Load(source), style);
 
-    /// <summary>Loads a base model with a LoRA adapter applied (<see cref="Adapter.LoadModel"/>;
+    /// <summary>Loads a base model with a LoRA adapter applied (<see cref="Adapter.LoadModel(string, string?, bool)"/>;
     /// <paramref name="baseModel"/> null: the adapter's own base).</summary>
     public static InstructionModel LoadWithAdapter(string adapterDirectory, string? baseModel = null, PromptStyle style = PromptStyle.Alpaca) =>
         new(Adapter.LoadModel(adapterDirectory, baseModel), style);
+
+    /// <summary><see cref="LoadWithAdapter(string, string?, PromptStyle)"/> with the base loaded with
+    /// <paramref name="options"/> (for example <see cref="ModelLoadOptions.AllowNonFinite"/>).</summary>
+    public static InstructionModel LoadWithAdapter(string adapterDirectory, string? baseModel, PromptStyle style, ModelLoadOptions options) =>
+        new(Adapter.LoadModel(adapterDirectory, baseModel, merge: false, options), style);
 
     /// <summary>Loads a model with options (for example <see cref="ModelLoadOptions.AllowNonFinite"/>) to answer in a
     /// prompt style.</summary>

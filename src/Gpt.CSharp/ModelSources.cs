@@ -101,6 +101,10 @@ public sealed partial class GptModel
         return Facade.Guard(() => GptConfiguration.From(ModelSource.readConfigFile(path)));
     }
 
+    /// <summary>The F# core's options for these (also for <see cref="Adapter"/>'s base models).</summary>
+    internal static ModelSourceOptions Options(ModelLoadOptions options) =>
+        Options(options.Progress, options.Configuration, options.CancellationToken, options.AllowNonFinite);
+
     private static ModelSourceOptions Options(IProgress<ModelDownloadProgress>? progress, GptConfiguration? configuration,
         CancellationToken cancellationToken, bool allowNonFinite)
     {

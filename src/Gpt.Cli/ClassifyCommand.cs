@@ -29,10 +29,11 @@ internal static class ClassifyCommand
             var inputs = given.Length > 0 ? given : ReadJsonLines(context);
             if (inputs.Count == 0) throw new GptException("no text to classify: pass --text \"...\" or JSON Lines {\"text\": ...} on standard input");
             GptRuntime.ResolveDevice(parse.GetValue(device)!); // before a model is read
+            var options = new ModelLoadOptions { AllowNonFinite = parse.GetValue(allowNonFinite) };
             using var classifier = parse.GetValue(adapter) is { } adapterDirectory
-                ? Adapter.LoadClassifier(adapterDirectory, parse.GetValue(modelPath))
+                ? Adapter.LoadClassifier(adapterDirectory, parse.GetValue(modelPath), merge: false, options)
                 : TextClassifier.Load(parse.GetValue(modelPath) ?? throw new GptException("no classifier: pass --model (a classifier folder) or --adapter"),
-                    new ModelLoadOptions { AllowNonFinite = parse.GetValue(allowNonFinite) });
+                    options);
             classifier.ToDevice(parse.GetValue(device)!);
             var json = parse.GetValue(format) == "json";
             foreach (var p in classifier.ClassifyBatch(inputs, dtype: GenerationOptions.ToDtype(parse.GetValue(dtype))))

@@ -222,12 +222,13 @@ internal static class ModelCommands
     internal static GptModel LoadModel(CliContext context, string? source, string? adapter = null, bool allowNonFinite = false, string device = "cpu")
     {
         GptRuntime.ResolveDevice(device);
-        if (adapter is not null) return Adapter.LoadModel(adapter, source).ToDevice(device);
-        if (source is null) throw new GptException("no model: pass --model (a folder, a .pth file or a Hugging Face id)");
-        return GptModel.Load(source, new ModelLoadOptions
+        var options = new ModelLoadOptions
         {
             Progress = DownloadProgressBar.For(context), CancellationToken = context.Cancellation, AllowNonFinite = allowNonFinite,
-        }).ToDevice(device);
+        };
+        if (adapter is not null) return Adapter.LoadModel(adapter, source, merge: false, options).ToDevice(device);
+        if (source is null) throw new GptException("no model: pass --model (a folder, a .pth file or a Hugging Face id)");
+        return GptModel.Load(source, options).ToDevice(device);
     }
 
     /// <summary>"1,2,3" (or "[1, 2, 3]") to ids, with a clear error.</summary>

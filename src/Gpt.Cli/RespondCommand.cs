@@ -34,10 +34,11 @@ internal static class RespondCommand
             if (entries.Count == 0) throw new GptException("no instruction: pass --instruction \"...\" or JSON Lines {\"instruction\": ...} on standard input");
             var promptStyle = parse.GetValue(style) == "phi3" ? PromptStyle.Phi3 : PromptStyle.Alpaca;
             GptRuntime.ResolveDevice(parse.GetValue(device)!); // before a model is read
+            var options = new ModelLoadOptions { AllowNonFinite = parse.GetValue(allowNonFinite) };
             using var model = parse.GetValue(adapter) is { } adapterDirectory
-                ? InstructionModel.LoadWithAdapter(adapterDirectory, parse.GetValue(modelPath), promptStyle)
+                ? InstructionModel.LoadWithAdapter(adapterDirectory, parse.GetValue(modelPath), promptStyle, options)
                 : InstructionModel.Load(parse.GetValue(modelPath) ?? throw new GptException("no model: pass --model or --adapter"), promptStyle,
-                    new ModelLoadOptions { AllowNonFinite = parse.GetValue(allowNonFinite) });
+                    options);
             model.Model.ToDevice(parse.GetValue(device)!);
             var settings = generation.Read(parse);
             foreach (var entry in entries)

@@ -319,6 +319,61 @@ public class ErrorPathTests
         Assert.Equal(2, allowed.Configuration.Layers);
     }
 
+    /// <summary>A copy of a safetensors-holding folder with every value of the first tensor whose name contains
+    /// <paramref name="part"/> set to NaN; returns the tensor's name.</summary>
+    private static string PoisonTensor(string source, string target, string fileName, string part)
+    {
+        Directory.CreateDirectory(target);
+        foreach (var file in Directory.GetFiles(source)) File.Copy(file, Path.Combine(target, Path.GetFileName(file)));
+        var path = Path.Combine(target, fileName);
+        var bytes = File.ReadAllBytes(path);
+        var headerLength = (int)BitConverter.ToUInt64(bytes, 0);
+        using var header = JsonDocument.Parse(bytes.AsMemory(8, headerLength));
+        var tensor = header.RootElement.EnumerateObject().First(p => p.Name.Contains(part));
+        var offsets = tensor.Value.GetProperty("data_offsets");
+        for (var at = 8 + headerLength + offsets[0].GetInt32(); at < 8 + headerLength + offsets[1].GetInt32(); at += 4)
+            BitConverter.TryWriteBytes(bytes.AsSpan(at, 4), float.NaN);
+        File.WriteAllBytes(path, bytes);
+        return tensor.Name;
+    }
+
+    [Fact]
+    public void AllowNonFiniteReachesAnAdaptersBaseAndTheAdapterItself()
+    {
+        using var folder = new TempFolder();
+        var result = Trainer.Train(new TrainingOptions
+        {
+            InitFrom = Fixtures.TinyGpt2, ContextLength = 16, MaxSteps = 1, BatchSize = 2, EvalInterval = 1, EvalBatches = 1,
+            SamplePrompt = null, OutputDirectory = folder.Path, Name = "lora", LoraRank = 2, LoraTargets = ["c_attn"],
+        });
+        var adapter = Path.Combine(result.RunDirectory, "adapter");
+
+        // A base whose weights hold NaN: refused through --adapter too, unless allowed.
+        var nanBase = NanModel(folder);
+        var (code, _, error) = Cli.Run(null, "logits", "--adapter", adapter, "--model", nanBase, "--ids", "1,2");
+        Assert.Equal(1, code);
+        Assert.Contains("'ln_f.weight' (32 of 32)", error);
+        Assert.Contains("--allow-nonfinite", error);
+        (code, _, error) = Cli.Run(null, "logits", "--adapter", adapter, "--model", nanBase, "--ids", "1,2", "--allow-nonfinite");
+        Assert.True(code == 0, error);
+
+        // An adapter whose own matrices hold NaN: the same rule.
+        var poisoned = folder.Combine("poisoned");
+        var name = PoisonTensor(adapter, poisoned, "adapter_model.safetensors", "lora_B");
+        (code, _, error) = Cli.Run(null, "logits", "--adapter", poisoned, "--ids", "1,2");
+        Assert.Equal(1, code);
+        Assert.Contains($"'{name}'", error);
+        Assert.Contains("--allow-nonfinite", error);
+        (code, _, error) = Cli.Run(null, "logits", "--adapter", poisoned, "--ids", "1,2", "--allow-nonfinite");
+        Assert.True(code == 0, error);
+        var e = Assert.Throws<GptException>(() => Adapter.LoadModel(poisoned));
+        Assert.Contains(name, e.Message);
+        using var allowed = Adapter.LoadModel(poisoned, null, merge: false, new ModelLoadOptions { AllowNonFinite = true });
+        Assert.Equal(2, allowed.Configuration.Layers);
+        Assert.Throws<GptException>(() => InstructionModel.LoadWithAdapter(poisoned));
+        using var instruction = InstructionModel.LoadWithAdapter(poisoned, null, PromptStyle.Alpaca, new ModelLoadOptions { AllowNonFinite = true });
+    }
+
     [Fact]
     public void LogitsTextFormatShowsTheLargestLogits()
     {

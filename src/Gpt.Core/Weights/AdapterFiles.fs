@@ -279,13 +279,20 @@ module AdapterLoading =
         | Some b -> b
         | None -> Errors.fail "adapter '%s' names no base model (base_model_name_or_path): give the base model (--model)" directory
 
+    /// Refuses an adapter whose tensors hold NaN or infinities, as a model's weights are, unless the options allow it.
+    let private requireFinite (options: ModelSourceOptions) (directory: string) (adapter: Adapter) =
+        Pretrained.checkFinite ({ AllowNonFinite = options.AllowNonFinite }: LoadOptions) (Path.Combine(directory, AdapterFiles.weightsFileName))
+            [ for KeyValue(name, tensor) in adapter.Tensors -> name, tensor ]
+
     /// A language model with an adapter: the base (None: the adapter's base_model_name_or_path) from any model source,
-    /// the adapter applied (unmerged) or merged into the weights. Eval mode.
-    let model (merge: bool) (baseModel: string option) (directory: string) : GptModel =
+    /// loaded with `options` (downloads, AllowNonFinite: which also lets the adapter's own tensors hold NaN or
+    /// infinities), the adapter applied (unmerged) or merged into the weights. Eval mode.
+    let modelWith (options: ModelSourceOptions) (merge: bool) (baseModel: string option) (directory: string) : GptModel =
         use adapter = Adapter.read directory
         if adapter.IsClassifier then
             Errors.fail "adapter '%s' is a classifier's (task SEQ_CLS): use it to classify (gpt classify --adapter)" directory
-        let model = ModelSource.load (baseOrFail baseModel directory)
+        requireFinite options directory adapter
+        let model = ModelSource.loadWith options (baseOrFail baseModel directory)
         try
             Adapter.applyTo adapter model |> ignore
             model.eval ()
@@ -297,20 +304,27 @@ module AdapterLoading =
             model.Dispose()
             reraise ()
 
+    /// modelWith the environment's settings (non-finite weights refused).
+    let model (merge: bool) (baseModel: string option) (directory: string) : GptModel =
+        modelWith (ModelSource.defaults ()) merge baseModel directory
+
     /// A classifier with an adapter, unmerged or merged: the base is a saved classifier (its head is replaced by the
-    /// adapter's `score`) or a language model (labels from the adapter's classifier_config.json).
-    let classifier (merge: bool) (baseModel: string option) (directory: string) : GptClassifier =
+    /// adapter's `score`) or a language model (labels from the adapter's classifier_config.json), loaded with
+    /// `options` (AllowNonFinite also lets the adapter's own tensors hold NaN or infinities).
+    let classifierWith (options: ModelSourceOptions) (merge: bool) (baseModel: string option) (directory: string) : GptClassifier =
         use adapter = Adapter.read directory
+        requireFinite options directory adapter
         let source = baseOrFail baseModel directory
         let classifier =
-            if Directory.Exists source && ClassifierFiles.isClassifier source then ClassifierFiles.load source
+            if Directory.Exists source && ClassifierFiles.isClassifier source then
+                ClassifierFiles.loadFrom { AllowNonFinite = options.AllowNonFinite } None source
             else
                 match adapter.Classifier with
                 | None ->
                     Errors.fail "adapter '%s' has no %s and its base '%s' is a language model, not a classifier: nothing gives the labels"
                         directory AdapterFiles.classifierFileName source
                 | Some saved ->
-                    use model = ModelSource.load source
+                    use model = ModelSource.loadWith options source
                     ClassifierFiles.fromLanguageModel model saved.Labels saved.PadTokenId saved.Pooling 0.0 0L
         try
             Adapter.applyToClassifier adapter classifier
@@ -322,6 +336,10 @@ module AdapterLoading =
         with _ ->
             classifier.Dispose()
             reraise ()
+
+    /// classifierWith the environment's settings (non-finite weights refused).
+    let classifier (merge: bool) (baseModel: string option) (directory: string) : GptClassifier =
+        classifierWith (ModelSource.defaults ()) merge baseModel directory
 
     /// Writes a base with an adapter merged into it as a plain model folder (Hugging Face layout; a classifier when
     /// the adapter or the base is one), atomically. Returns true for a classifier.
