@@ -61,6 +61,14 @@ public class ClassifierTests
         Assert.Contains("texts.csv' line 4: unknown label 'eggs', expected one of ham, spam", unknown.Message);
         Assert.Contains("--data", Assert.Throws<GptException>(() => (bad with { Data = csv }).Validate()).Message);
         Assert.Contains("expected last-block, last-N", Assert.Throws<GptException>(() => (bad with { Trainable = "middle" }).Validate()).Message);
+        // With LoRA the adapters and the head train: another trainable set would be ignored, so it is refused.
+        Assert.Contains("--trainable all does not apply with LoRA",
+            Assert.Throws<GptException>(() => (bad with { Trainable = "all", LoraRank = 2 }).Validate()).Message);
+        (bad with { LoraRank = 2 }).Validate();
+        var (code, _, error) = Cli.Run(null, "finetune", "classify", "--model", Fixtures.TinyGpt2, "--lora-rank", "2", "--trainable", "head",
+            "--out", folder.Path, "--max-steps", "1");
+        Assert.Equal(1, code);
+        Assert.Contains("--trainable head does not apply with LoRA (--lora-rank)", error);
         Assert.Contains("is a text classifier", Assert.Throws<GptException>(() => GptModel.Load(Fixtures.Classifier)).Message);
     }
 

@@ -141,6 +141,11 @@ module ClassificationOptions =
         match options.Trainable with
         | TrainableSet.LastBlocks n when n < 1 -> Errors.fail "the number of trained blocks must be positive, found %d" n
         | _ -> ()
+        // With LoRA the adapters and the head train, whatever the trainable set says: another set than the default
+        // would be ignored, so it is refused.
+        if options.Training.Lora.IsSome && options.Trainable <> (defaults "").Trainable then
+            Errors.fail "--trainable %s does not apply with LoRA (--lora-rank): the adapters and the head train; leave --trainable out, or drop --lora-rank"
+                options.Trainable.Name
         TrainingSettings.validate options.Training
 
     let private full (path: string option) = path |> Option.map Path.GetFullPath
