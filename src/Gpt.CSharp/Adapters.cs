@@ -21,11 +21,18 @@ public sealed class Adapter : IDisposable
     /// <summary>Reads an adapter folder, checking its tensors against its configuration.</summary>
     /// <exception cref="GptException">A missing folder or file, a configuration that is not LoRA, another rank in the
     /// file than in the configuration, tensors for maps the targets do not name.</exception>
-    public static Adapter Load(string directory) =>
-        new(FAdapterModule.read(directory ?? throw new ArgumentNullException(nameof(directory))));
+    public static Adapter Load(string directory)
+    {
+        ArgumentNullException.ThrowIfNull(directory);
+        return Facade.Guard(() => new Adapter(FAdapterModule.read(directory)));
+    }
 
     /// <summary>Writes the adapter folder, each file under a temporary name and then renamed.</summary>
-    public void Save(string directory) => FAdapterModule.write(directory ?? throw new ArgumentNullException(nameof(directory)), _inner);
+    public void Save(string directory)
+    {
+        ArgumentNullException.ThrowIfNull(directory);
+        Facade.Guard(() => FAdapterModule.write(directory, _inner));
+    }
 
     /// <summary>r, the rank of each update B·A.</summary>
     public int Rank => _inner.Settings.Rank;
@@ -73,7 +80,7 @@ public sealed class Adapter : IDisposable
     {
         ArgumentNullException.ThrowIfNull(adapterDirectory);
         ArgumentNullException.ThrowIfNull(options);
-        return new GptModel(AdapterLoading.modelWith(GptModel.Options(options), merge, Options.SomeObject(baseModel), adapterDirectory));
+        return Facade.Guard(() => new GptModel(AdapterLoading.modelWith(GptModel.Options(options), merge, Options.SomeObject(baseModel), adapterDirectory)));
     }
 
     /// <summary>A classifier with an adapter: the base is a saved classifier, or a language model (the labels then
@@ -87,7 +94,7 @@ public sealed class Adapter : IDisposable
     {
         ArgumentNullException.ThrowIfNull(adapterDirectory);
         ArgumentNullException.ThrowIfNull(options);
-        return TextClassifier.Wrap(AdapterLoading.classifierWith(GptModel.Options(options), merge, Options.SomeObject(baseModel), adapterDirectory));
+        return Facade.Guard(() => TextClassifier.Wrap(AdapterLoading.classifierWith(GptModel.Options(options), merge, Options.SomeObject(baseModel), adapterDirectory)));
     }
 
     /// <summary>Writes the base with the adapter merged in as a plain model folder (a classifier's when the adapter
@@ -96,7 +103,7 @@ public sealed class Adapter : IDisposable
     {
         ArgumentNullException.ThrowIfNull(adapterDirectory);
         ArgumentNullException.ThrowIfNull(outputDirectory);
-        return AdapterLoading.merge(Options.SomeObject(baseModel), adapterDirectory, outputDirectory);
+        return Facade.Guard(() => AdapterLoading.merge(Options.SomeObject(baseModel), adapterDirectory, outputDirectory));
     }
 
     /// <summary>The trainable parameters LoRA adds to a model of this shape: rank × (in + out) for every adapted map

@@ -89,8 +89,11 @@ public sealed record ClassifierTrainingOptions : RunSettings
     /// <summary>The options a classification run was trained with, read back from its folder or a checkpoint, with
     /// <see cref="RunSettings.ResumeFrom"/> set to <paramref name="path"/>.</summary>
     /// <exception cref="GptException">No complete checkpoint, or not a classification run.</exception>
-    public static ClassifierTrainingOptions FromCheckpoint(string path) =>
-        From(FClassification.fromCheckpoint(path ?? throw new ArgumentNullException(nameof(path))));
+    public static ClassifierTrainingOptions FromCheckpoint(string path)
+    {
+        ArgumentNullException.ThrowIfNull(path);
+        return Facade.Guard(() => From(FClassification.fromCheckpoint(path)));
+    }
 
     /// <summary>Checks the options that need no file (the run checks the rest when it starts).</summary>
     /// <exception cref="GptException">With a message naming the bad option.</exception>

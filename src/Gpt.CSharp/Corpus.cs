@@ -21,7 +21,7 @@ public static class Corpus
     public static IReadOnlyList<TextDocument> Load(string path)
     {
         ArgumentNullException.ThrowIfNull(path);
-        return FCorpus.load(path).Select(ToDocument).ToArray();
+        return Facade.Guard(() => FCorpus.load(path).Select(ToDocument).ToArray());
     }
 
     /// <summary>Token ids of documents joined by <c>&lt;|endoftext|&gt;</c>, checked to be long enough for one
@@ -31,8 +31,8 @@ public static class Corpus
     {
         ArgumentNullException.ThrowIfNull(tokenizer);
         ArgumentNullException.ThrowIfNull(documents);
-        return FCorpus.encode(tokenizer.Inner, contextLength,
-            documents.Select(d => new FCorpus.Document(d.Source, d.Text)));
+        return Facade.Guard(() => FCorpus.encode(tokenizer.Inner, contextLength,
+            documents.Select(d => new FCorpus.Document(d.Source, d.Text))));
     }
 
     private static TextDocument ToDocument(FCorpus.Document d) => new(d.Source, d.Text);

@@ -44,8 +44,11 @@ public sealed record GptConfiguration
 
     /// <summary>The configuration of a model folder in the Hugging Face layout (its <c>config.json</c>).</summary>
     /// <exception cref="GptException">Missing or bad <c>config.json</c>.</exception>
-    public static GptConfiguration FromModelDirectory(string directory) =>
-        From(Pretrained.readConfig(System.IO.Path.Combine(directory ?? throw new ArgumentNullException(nameof(directory)), Pretrained.configFileName)));
+    public static GptConfiguration FromModelDirectory(string directory)
+    {
+        ArgumentNullException.ThrowIfNull(directory);
+        return Facade.Guard(() => From(Pretrained.readConfig(System.IO.Path.Combine(directory, Pretrained.configFileName))));
+    }
 
     /// <summary>Number of parameters a model of this shape has.</summary>
     public long ParameterCount => GptConfigModule.parameterCount(ToFSharp());

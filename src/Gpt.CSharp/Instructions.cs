@@ -85,8 +85,11 @@ public sealed record InstructionTrainingOptions : RunSettings
 
     /// <summary>The options an instruction run was trained with, read back from its folder or a checkpoint, with
     /// <see cref="RunSettings.ResumeFrom"/> set to <paramref name="path"/>.</summary>
-    public static InstructionTrainingOptions FromCheckpoint(string path) =>
-        From(FInstruction.fromCheckpoint(path ?? throw new ArgumentNullException(nameof(path))));
+    public static InstructionTrainingOptions FromCheckpoint(string path)
+    {
+        ArgumentNullException.ThrowIfNull(path);
+        return Facade.Guard(() => From(FInstruction.fromCheckpoint(path)));
+    }
 
     /// <summary>Checks the options that need no file (the run checks the rest when it starts).</summary>
     public void Validate() => InstructionOptionsModule.validate(ToFSharp());
@@ -245,7 +248,7 @@ public static class ResponseScores
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(responsesFile);
-        var responses = InstructionData.readResponses(responsesFile);
+        var responses = Facade.Guard(() => InstructionData.readResponses(responsesFile));
         var report = Microsoft.FSharp.Core.FuncConvert.FromAction<Gpt.FineTuning.ScoredResponse>(s => onScored?.Invoke(new ScoredResponse(
             new InstructionEntry(s.Entry.Instruction, s.Entry.Input, s.Entry.Output), s.Response, s.ExactMatch, s.TokenF1, Options.ToNullable(s.Score))));
         var summary = Gpt.FineTuning.ResponseScores.evaluate(Options.SomeObject(judge?.ToFSharp()), responses, report, cancellationToken);

@@ -375,6 +375,22 @@ public class ErrorPathTests
     }
 
     [Fact]
+    public void FileSystemFailuresOfTheFacadeAreGptExceptionsWithTheCauseInside()
+    {
+        using var folder = new TempFolder();
+        var file = folder.Combine("a-file");
+        File.WriteAllText(file, "not a folder");
+        using var adapter = Adapter.Load(Path.Combine(Fixtures.Root, "tests", "fixtures", "lora", "adapter"));
+        var save = Assert.Throws<GptException>(() => adapter.Save(Path.Combine(file, "adapter")));
+        Assert.IsAssignableFrom<IOException>(save.InnerException);
+        Assert.Throws<GptException>(() => Corpus.Load(Path.Combine(file, "*.txt")));
+        Assert.Throws<GptException>(() => Adapter.LoadModel(file));
+        Assert.Throws<GptException>(() => GptConfiguration.FromModelDirectory(file));
+        Assert.Throws<GptException>(() => ClassifierTrainingOptions.FromCheckpoint(file));
+        Assert.Throws<GptException>(() => InstructionTrainingOptions.FromCheckpoint(file));
+    }
+
+    [Fact]
     public void LogitsTextFormatShowsTheLargestLogits()
     {
         var (code, text, error) = Cli.Run(null, "logits", "--model", Fixtures.TinyGpt2, "--ids", "15496,11", "--format", "text");
