@@ -43,6 +43,31 @@ let tests =
             Expect.equal samples.Count 12 "a sample at every epoch end"
             Expect.equal (Seq.last samples) "the quick brown fox jumps over a lazy dog." "the learned continuation"
 
+        testCase "a non-finite training loss stops the run before its update, and keeps the checkpoints" <| fun () ->
+            // NaN in a weight: the first step's loss is NaN; nothing is applied.
+            use model = bigram 1L 0.0
+            let data = trainingData (noisyIds 300 3)
+            do
+                use _ = torch.no_grad ()
+                model.Head.bias[0L].fill_(nan) |> ignore
+            let before = model.Head.weight.clone ()
+            throwsGpt [ "step 1 of "; "the training loss is NaN"; "this step was not applied"; "--lr" ]
+                (fun () -> Trainer.train tinyOptions model data None noEvents CancellationToken.None |> ignore) "NaN weights"
+            Expect.equal ((model.Head.weight - before).abs().max().item<float32> ()) 0.0f "the weights are as they were"
+            // Divergence: a learning rate of 1e37 overflows the weights within a few steps; the run stops at the first
+            // non-finite loss, and the checkpoints written before it are left alone.
+            use dir = new TempDir()
+            use diverging = bigram 1L 0.0
+            let options = { tinyOptions with OutputDirectory = Some dir.Path; CheckpointInterval = 1; KeepLast = 100; LearningRate = 1e37; InitialLearningRate = 1e37; MinLearningRate = 1e37 }
+            let events = ResizeArray()
+            throwsGpt [ "the training loss is"; "the last checkpoint, " ]
+                (fun () -> Trainer.train options diverging data None events.Add CancellationToken.None |> ignore) "divergence"
+            let stepped = events |> Seq.choose (function Stepped s -> Some s | _ -> None) |> Array.ofSeq
+            Expect.isGreaterThan stepped.Length 0 "some steps ran first"
+            Expect.isLessThan stepped.Length (options.Epochs * 22) "the run stopped early"
+            Expect.all stepped (fun s -> Double.IsFinite s.TrainLoss) "every reported step had a finite loss"
+            Expect.equal (Directory.GetDirectories(Path.Combine(dir.Path, "checkpoints")).Length) stepped.Length "a checkpoint for each step before"
+
         testCase "events, evaluation schedule, log, plot and checkpoints of a run" <| fun () ->
             use dir = new TempDir()
             use model = bigram 1L 0.2

@@ -59,6 +59,11 @@ module Trainer =
             observe StepPart.Backward
             float (loss.item<float32> ())
         let lossSum = Seq.sumBy microLoss (seq { 0 .. accumulation - 1 })
+        // A non-finite loss makes non-finite gradients: applied, they would turn every weight into NaN, and the run's
+        // later checkpoints (rotating out the good ones) with them. So the step stops here, nothing applied.
+        if not (Double.IsFinite lossSum) then
+            Errors.fail "the training loss is %s: the weights diverged (or held NaN already); this step was not applied. Lower the learning rate (--lr) or clip the gradients (--grad-clip)"
+                (if Double.IsNaN lossSum then "NaN" else "infinite")
         let norm = clip |> Option.map (fun maxNorm -> Optimizer.clipGradients maxNorm (Array.map snd optimizer.NamedParameters))
         observe StepPart.Clip
         optimizer.Step()
@@ -225,7 +230,11 @@ module Trainer =
         let batchAt micro = session.Task.Data.Training (int (micro / perEpoch)) (int (micro % perEpoch))
         let learningRate = Schedule.learningRate session.Schedule state.Step
         let lossOf micro = session.Task.Objective.Loss Mode.Train (batchAt (firstMicro + int64 micro))
-        let loss, norm = step session.Optimizer learningRate options.GradientClip accumulation lossOf ignore
+        let loss, norm =
+            try step session.Optimizer learningRate options.GradientClip accumulation lossOf ignore
+            with :? GptException as e ->
+                let kept = state.LastCheckpoint |> Option.map (sprintf "; the last checkpoint, %s, is as it was") |> Option.defaultValue ""
+                Errors.fail "step %d of %d: %s%s" (state.Step + 1) session.Plan.TotalSteps e.Message kept
         let stepped = state.Step + 1
         let perStep = session.Clock.Elapsed.TotalSeconds / float (stepped - session.Plan.StartStep)
         let epoch = int ((firstMicro + int64 accumulation - 1L) / perEpoch) + 1
