@@ -664,13 +664,18 @@ class Session:
                 (loss / self.accumulation if self.accumulation > 1 else loss).backward()
             loss_sum += loss.detach()
         dist.all_reduce(loss_sum)  # the processes' shares are equal: the mean of their means is the batch's
+        total = float(loss_sum)
+        if not math.isfinite(total):  # as the F# trainer: stop before the update (every process sees the same sum)
+            raise SystemExit(f"step {self.step + 1} of {self.total_steps}: the training loss is {'NaN' if math.isnan(total) else 'infinite'}: "
+                             "the weights diverged (or held NaN already); this step was not applied. "
+                             "Lower the learning rate (--lr) or clip the gradients (--grad-clip)")
         clip, norm = self.training["gradient_clip"], None
         if clip is not None:
             norm = float(engine.model.clip_grad_norm_(clip) if engine.strategy == "fsdp"
                          else torch.nn.utils.clip_grad_norm_(engine.parameters, clip))
         engine.optimizer.step()
         self.step += 1
-        self.last_loss = float(loss_sum) / self.world / self.accumulation
+        self.last_loss = total / self.world / self.accumulation
         epoch = (first_micro + self.accumulation - 1) // self.per_epoch + 1
         per_step = (time.monotonic() - self.clock) / (self.step - self.start_step)
         self.report("step", step=self.step, total_steps=self.total_steps, epoch=epoch, epochs=self.training["epochs"],

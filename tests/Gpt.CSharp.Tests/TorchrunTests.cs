@@ -89,6 +89,24 @@ public class TorchrunTests
         Assert.True(worst <= tolerance, $"{what}: largest difference {worst:g3} > {tolerance:g3}\nexpected {string.Join(", ", expected)}\nfound    {string.Join(", ", actual)}");
     }
 
+    /// <summary>Both engines stop a diverging run at its first non-finite loss, before that step's update, with the
+    /// same message.</summary>
+    [TorchFact]
+    public void BothEnginesStopADivergingRunAtItsFirstNonFiniteLoss()
+    {
+        using var folder = new TempFolder();
+        var story = ShortStory(folder);
+        string[] diverging = ["--lr", "1e37", "--min-lr", "1e37", "--warmup-steps", "0", "--max-steps", "40"];
+        var (code, _, error) = Cli.Run(null, Run(folder, story, "one", diverging));
+        Assert.Equal(1, code);
+        Assert.Contains("the training loss is", error);
+        Assert.Contains("this step was not applied", error);
+        (code, _, error) = Cli.Run(null, [.. Run(folder, story, "two", diverging), .. Torchrun()]);
+        Assert.NotEqual(0, code);
+        Assert.Contains("the training loss is", error);
+        Assert.Contains("this step was not applied", error);
+    }
+
     [TorchFact]
     public void TwoProcessesTrainWhatOneProcessTrainsAndGptResumesTheirRun()
     {
