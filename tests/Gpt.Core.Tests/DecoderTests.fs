@@ -38,15 +38,22 @@ let private kernelProduct (pool: WorkerPool) (path: MatVecPath) (weights: torch.
     y
 
 /// The same product in float64 through torch: x Wᵀ + b, then the epilogue.
+/// Every operand, and the additions' alpha, is held to the end: TorchSharp 0.107 passes a temporary's raw handle to
+/// libtorch, and a finaliser running during the call can free it (`a + b` makes a temporary Scalar alpha: once here,
+/// "Expected false to be true" from c10's Scalar::toDouble, in one CI run of many).
 let private torchProduct (weights: torch.Tensor) (bias: torch.Tensor) (x: torch.Tensor) (initial: torch.Tensor) (epilogue: Epilogue) =
+    use one = (1.0).ToScalar()
     use w = weights.to_type(torch.float64)
     use x64 = x.to_type(torch.float64)
-    use product = torch.matmul(x64, w.t ())
-    use z = if isNull bias then product.clone () else product + bias.to_type(torch.float64)
+    use wt = w.t ()
+    use product = torch.matmul(x64, wt)
+    use bias64 = if isNull bias then null else bias.to_type(torch.float64)
+    use initial64 = initial.to_type(torch.float64)
+    use z = if isNull bias then product.clone () else product.add(bias64, one)
     let result =
         match epilogue with
         | Epilogue.Store -> z.clone ()
-        | Epilogue.Add -> z + initial.to_type(torch.float64)
+        | Epilogue.Add -> z.add(initial64, one)
         | Epilogue.Gelu -> torch.nn.functional.gelu(z, Modules.GELU.Approximate.tanh)
     result.to_type(torch.float32)
 
