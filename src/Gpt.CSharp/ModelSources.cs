@@ -54,8 +54,7 @@ public sealed partial class GptModel
     {
         ArgumentNullException.ThrowIfNull(source);
         ArgumentNullException.ThrowIfNull(options);
-        return Facade.Guard(() => new GptModel(ModelSource.loadWith(
-            Options(options.Progress, options.Configuration, options.CancellationToken, options.AllowNonFinite), source)));
+        return Facade.Guard(() => new GptModel(ModelSource.loadWith(Options(options), source)));
     }
 
     /// <summary>Loads a state dict file that carries no configuration (the book's <c>.pth</c>) with this one's sizes and
